@@ -1,0 +1,1 @@
+"""Model registry: manifests (light, stdlib only) and implementations (loaded by the worker)."""

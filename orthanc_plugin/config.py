@@ -1,0 +1,153 @@
+"""The ``"AI"`` section of orthanc.json: parsed and validated once at start-up.
+
+A bad value stops start-up with a message that names the key (``ConfigError``). Environment variables
+override secrets and ports only (handled by the launcher), never behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orthanc_plugin.rules import Rule, RuleError, parse_rules
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_RULES: list[dict] = [
+    {"Name": "brain MR to lesion candidates", "Modality": "MR", "Model": "brain-lesion-candidates"},
+]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AIConfig:
+    enabled: bool = True
+    data_directory: Path = REPO_ROOT / "var"
+    models_directories: tuple[Path, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    worker_count: int = 1
+    worker_python: Path = REPO_ROOT / ".venv" / "bin" / "python"
+    worker_threads: int = 2
+    lease_seconds: float = 30.0
+    max_attempts: int = 3
+    reaper_interval_seconds: float = 2.0
+    auto_trigger: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def job_store_path(self) -> Path:
+        return self.data_directory / "ai-jobs.sqlite"
+
+    @property
+    def log_directory(self) -> Path:
+        return self.data_directory / "logs"
+
+
+_KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
+          "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
+          "AutoTrigger"}
+
+
+def _typed(section: dict, key: str, kind: type | tuple, default: Any) -> Any:
+    if key not in section:
+        return default
+    value = section[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigError(f'"AI.{key}" must be a number, not {value!r}')
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "number"
+        raise ConfigError(f'"AI.{key}" must be a {name}, not {value!r}')
+    return value
+
+
+def _path(value: str, base: Path) -> Path:
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    p = Path(expanded)
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
+    """Validate the ``"AI"`` section of a parsed Orthanc configuration."""
+    section = full.get("AI", {})
+    if not isinstance(section, dict):
+        raise ConfigError('"AI" must be a JSON object')
+    unknown = sorted(set(section) - _KNOWN)
+    if unknown:
+        raise ConfigError(f'unknown key(s) in "AI": {", ".join(unknown)} (known: {", ".join(sorted(_KNOWN))})')
+
+    data_dir = _path(_typed(section, "DataDirectory", str, str(base / "var")), base)
+    dirs: list[Path] = []
+    if "ModelsDirectory" in section:
+        dirs.append(_path(_typed(section, "ModelsDirectory", str, ""), base))
+    for i, d in enumerate(_typed(section, "ModelsDirectories", list, [])):
+        if not isinstance(d, str):
+            raise ConfigError(f'"AI.ModelsDirectories[{i}]" must be a path string')
+        dirs.append(_path(d, base))
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f'"AI.ModelsDirectory": {d} is not a directory')
+
+    try:
+        rules = parse_rules(_typed(section, "Rules", list, DEFAULT_RULES))
+    except RuleError as exc:
+        raise ConfigError(f'"AI.Rules": {exc}') from None
+
+    worker_count = _typed(section, "WorkerCount", int, 1)
+    if not 0 <= worker_count <= 16:
+        raise ConfigError('"AI.WorkerCount" must be between 0 (external workers only) and 16')
+    lease = float(_typed(section, "LeaseSeconds", (int, float), 30))
+    if lease < 3:
+        raise ConfigError('"AI.LeaseSeconds" must be at least 3 seconds')
+    attempts = _typed(section, "MaxAttempts", int, 3)
+    if attempts < 1:
+        raise ConfigError('"AI.MaxAttempts" must be at least 1')
+    threads = _typed(section, "WorkerThreads", int, 2)
+    if threads < 1:
+        raise ConfigError('"AI.WorkerThreads" must be at least 1')
+    reaper = float(_typed(section, "ReaperIntervalSeconds", (int, float), 2))
+    if reaper <= 0:
+        raise ConfigError('"AI.ReaperIntervalSeconds" must be positive')
+    python = _path(_typed(section, "WorkerPython", str, str(base / ".venv" / "bin" / "python")), base)
+    if worker_count > 0 and not python.exists():
+        raise ConfigError(f'"AI.WorkerPython": {python} does not exist (run "make venv" or set the key)')
+
+    return AIConfig(
+        enabled=_typed(section, "Enabled", bool, True), data_directory=data_dir,
+        models_directories=tuple(dirs), rules=tuple(rules), worker_count=worker_count,
+        worker_python=python, worker_threads=threads, lease_seconds=lease, max_attempts=attempts,
+        reaper_interval_seconds=reaper, auto_trigger=_typed(section, "AutoTrigger", bool, True),
+    )
+
+
+def orthanc_url(full: dict) -> str:
+    """Where the local worker reaches this Orthanc's REST API (always loopback)."""
+    port = full.get("HttpPort", 8042)
+    if not isinstance(port, int):
+        raise ConfigError(f'"HttpPort" must be an integer, not {port!r}')
+    return f"http://127.0.0.1:{port}"
+
+
+def service_credentials(full: dict) -> tuple[str, str] | None:
+    """Credentials the worker uses: $ORTHANC_AI_USER/$ORTHANC_AI_PASSWORD, else the first registered user."""
+    user, password = os.environ.get("ORTHANC_AI_USER"), os.environ.get("ORTHANC_AI_PASSWORD")
+    if user and password:
+        return user, password
+    users = full.get("RegisteredUsers") or {}
+    if users:
+        name = sorted(users)[0]
+        return name, users[name]
+    return None
+
+
+_COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def strip_json_comments(text: str) -> str:
+    """Orthanc accepts // and /* */ comments in its JSON configuration; json.loads does not."""
+    return _COMMENT.sub(lambda m: m.group(1) or "", text)

@@ -1,0 +1,170 @@
+"""From Orthanc events and user requests to jobs.
+
+Orthanc callbacks only put a study id on a queue (:meth:`Dispatcher.notify_stable_study`); a thread of
+ours reads the study over the REST API, applies the routing rules and creates jobs. The same code serves
+``POST /ai/studies/{uid}/segment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
+
+from orthanc_plugin import jobs as J
+from orthanc_plugin.rules import Rule, is_own_output, route
+
+log = logging.getLogger("orthanc_ai.events")
+
+
+class OrthancReader(Protocol):
+    """The part of Orthanc's REST API the dispatcher reads (a fake one serves the unit tests)."""
+
+    def get_json(self, uri: str) -> object: ...
+
+    def get_text(self, uri: str) -> str: ...
+
+    def lookup_study(self, study_instance_uid: str) -> str | None: ...
+
+
+class RequestError(Exception):
+    status = 400
+
+    def __init__(self, message: str, *, status: int = 400, payload: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.payload = payload or {}
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    orthanc_id: str
+    tags: Mapping[str, str]  # Modality, SeriesDescription, SeriesInstanceUID, Manufacturer, SOPClassUID
+    instance_count: int
+
+    @property
+    def fingerprint(self) -> str:
+        return f"instances={self.instance_count}"
+
+
+class Dispatcher:
+    """Turns stable studies and user requests into queued jobs."""
+
+    def __init__(self, store: J.JobStore, orthanc: OrthancReader, rules: tuple[Rule, ...],
+                 models: Callable[[], Mapping[str, object]]) -> None:
+        self.store = store
+        self.orthanc = orthanc
+        self.rules = rules
+        self.models = models  # id -> manifest (with .id, .version, .modality)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- callback side: enqueue only ---------------------------------------------------------
+    def notify_stable_study(self, orthanc_study_id: str) -> None:
+        self._queue.put(orthanc_study_id)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ai-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            study_id = self._queue.get()
+            if study_id is None:
+                return
+            try:
+                created = self.on_stable_study(study_id)
+                if created:
+                    log.info("study %s: %d job(s) queued", study_id, len(created))
+            except Exception:  # a bad study must not stop the dispatcher
+                log.exception("could not route stable study %s", study_id)
+
+    # -- work ----------------------------------------------------------------------------------
+    def study_series(self, orthanc_study_id: str) -> list[SeriesInfo]:
+        out = []
+        for s in self.orthanc.get_json(f"/studies/{orthanc_study_id}/series"):
+            tags = dict(s.get("MainDicomTags", {}))
+            instances = s.get("Instances", [])
+            if instances:
+                try:
+                    tags["SOPClassUID"] = self.orthanc.get_text(f"/instances/{instances[0]}/metadata/SopClassUid")
+                except Exception:
+                    tags["SOPClassUID"] = ""
+            out.append(SeriesInfo(s["ID"], tags, len(instances)))
+        return out
+
+    def on_stable_study(self, orthanc_study_id: str) -> list[dict]:
+        """Route every series of a stable study; create jobs that do not exist yet."""
+        study = self.orthanc.get_json(f"/studies/{orthanc_study_id}")
+        study_uid = study["MainDicomTags"]["StudyInstanceUID"]
+        models = self.models()
+        created = []
+        for series in self.study_series(orthanc_study_id):
+            for model_id in route(self.rules, series.tags):
+                manifest = models.get(model_id)
+                if manifest is None:
+                    log.warning("rule names model '%s', which is not installed; series skipped", model_id)
+                    continue
+                existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
+                                           model_id=manifest.id, model_version=manifest.version,
+                                           input_fingerprint=series.fingerprint)
+                if existing:  # already processed (or in progress): STABLE_STUDY fires again after our results
+                    continue
+                created.append(self._create(study_uid, orthanc_study_id, series, manifest, "auto", "system"))
+        return created
+
+    def request_segmentation(self, study_instance_uid: str, *, model_id: str | None, force: bool,
+                             user: str) -> list[dict]:
+        """``POST /ai/studies/{uid}/segment``: queue jobs by hand; 409 when done already and not forced."""
+        orthanc_study_id = self.orthanc.lookup_study(study_instance_uid)
+        if orthanc_study_id is None:
+            raise RequestError(f"no study with StudyInstanceUID {study_instance_uid} in Orthanc", status=404)
+        models = self.models()
+        if model_id is not None and model_id not in models:
+            raise RequestError(f"unknown model '{model_id}'; installed: {', '.join(sorted(models)) or 'none'}")
+        series_list = self.study_series(orthanc_study_id)
+        pairs: list[tuple[SeriesInfo, object]] = []
+        for series in series_list:
+            routed = route(self.rules, series.tags)
+            if model_id is None:
+                pairs += [(series, models[m]) for m in routed if m in models]
+            elif model_id in routed:
+                pairs.append((series, models[model_id]))
+        if model_id is not None and not pairs:  # no rule for it: any input series of the model's modality
+            manifest = models[model_id]
+            pairs = [(s, manifest) for s in series_list
+                     if not is_own_output(s.tags) and s.tags.get("Modality", "").upper() == manifest.modality.upper()]
+        if not pairs:
+            what = f"model '{model_id}'" if model_id else "any routing rule"
+            raise RequestError(f"no series of study {study_instance_uid} matches {what}")
+
+        created, conflicts = [], []
+        for series, manifest in pairs:
+            existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
+                                       model_id=manifest.id, model_version=manifest.version,
+                                       states=J.ACTIVE | {J.DONE})
+            if existing and not force:
+                conflicts.extend(existing)
+                continue
+            for job in existing:
+                if job["state"] in J.ACTIVE:
+                    self.store.cancel(job["id"], actor=user, reason="superseded by a forced re-run")
+            created.append(self._create(study_instance_uid, orthanc_study_id, series, manifest, "manual", user))
+        if not created:
+            raise RequestError("this study was already processed by this model; send {\"force\": true} to re-run",
+                               status=409, payload={"jobs": [j["id"] for j in conflicts]})
+        return created
+
+    def _create(self, study_uid: str, orthanc_study_id: str, series: SeriesInfo, manifest: object,
+                trigger: str, actor: str) -> dict:
+        job = self.store.create(J.NewJob(
+            study_instance_uid=study_uid, orthanc_study_id=orthanc_study_id,
+            series_instance_uid=series.tags.get("SeriesInstanceUID", ""), orthanc_series_id=series.orthanc_id,
+            model_id=manifest.id, model_version=manifest.version, input_fingerprint=series.fingerprint,
+            trigger=trigger, priority=1 if trigger == "manual" else 0), actor=actor)
+        return self.store.enqueue(job["id"], actor=actor)

@@ -1,0 +1,167 @@
+"""Entry point loaded by Orthanc's Python plugin (``"PythonScript"``): wiring only.
+
+Runs inside Orthanc's embedded Debian Python 3.11, so it first puts the repository and the venv's
+site-packages on ``sys.path``. It stays light: no torch, no numpy; heavy work happens in the worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+_VENV = Path(os.environ.get("ORTHANC_AI_VENV", _REPO / ".venv"))
+_here = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]  # our modules are a package
+sys.path.insert(0, str(_REPO))
+for site in sorted(glob.glob(str(_VENV / "lib" / "python3*" / "site-packages"))):
+    if site not in sys.path:
+        sys.path.append(site)
+
+import orthanc  # noqa: E402  (provided by the Python plugin)
+
+from inference import __version__  # noqa: E402
+from inference.models.manifest import BUILTIN_MODELS_DIR, ManifestError, load_manifests  # noqa: E402
+from orthanc_plugin.config import ConfigError, orthanc_url, parse_config, service_credentials  # noqa: E402
+from orthanc_plugin.events import Dispatcher  # noqa: E402
+from orthanc_plugin.jobs import JobStore  # noqa: E402
+from orthanc_plugin.routes import Api, Request  # noqa: E402
+from orthanc_plugin.supervisor import Supervisor  # noqa: E402
+
+log = logging.getLogger("orthanc_ai")
+
+
+class _OrthancLogHandler(logging.Handler):
+    """Send our log records to Orthanc's log, at the matching level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = "[ai] " + self.format(record)
+        if record.levelno >= logging.ERROR:
+            orthanc.LogError(msg)
+        elif record.levelno >= logging.WARNING:
+            orthanc.LogWarning(msg)
+        else:
+            orthanc.LogInfo(msg)
+
+
+class _RestReader:
+    """Orthanc's REST API from inside the plugin (used from our threads and REST callbacks only)."""
+
+    def get_json(self, uri: str) -> object:
+        return json.loads(orthanc.RestApiGet(uri))
+
+    def get_text(self, uri: str) -> str:
+        data = orthanc.RestApiGet(uri)
+        return data.decode() if isinstance(data, bytes) else str(data)
+
+    def lookup_study(self, study_instance_uid: str) -> str | None:
+        try:
+            found = orthanc.LookupStudy(study_instance_uid)
+        except Exception:
+            return None
+        return found or None
+
+
+def _send(output, status: int, body: object) -> None:
+    if status == 200:
+        output.AnswerBuffer(json.dumps(body), "application/json")
+    elif body is None:
+        output.SendHttpStatusCode(status)
+    elif status == 405:
+        output.SendMethodNotAllowed("GET,POST")
+    else:
+        text = json.dumps(body)
+        output.SetHttpHeader("Content-Type", "application/json")
+        try:  # plugin 4.0 takes (status, str, size); later versions take (status, bytes)
+            output.SendHttpStatus(status, text, len(text.encode()))
+        except TypeError:
+            output.SendHttpStatus(status, text.encode())
+
+
+def _setup() -> None:
+    handler = _OrthancLogHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    full = json.loads(orthanc.GetConfiguration())
+    try:
+        cfg = parse_config(full)
+    except ConfigError as exc:
+        orthanc.LogError(f"[ai] configuration error: {exc}")
+        raise SystemExit(f"orthanc-ai: configuration error: {exc}") from None
+    if not cfg.enabled:
+        log.warning('"AI.Enabled" is false: the AI extension is not active')
+        return
+    cfg.data_directory.mkdir(parents=True, exist_ok=True)
+    cfg.log_directory.mkdir(parents=True, exist_ok=True)
+
+    state: dict = {}
+
+    def load_models() -> dict:
+        manifests = load_manifests([BUILTIN_MODELS_DIR, *cfg.models_directories])
+        state["models"] = {m.id: m for m in manifests}
+        return state["models"]
+
+    try:
+        load_models()
+    except ManifestError as exc:
+        orthanc.LogError(f"[ai] model manifest error: {exc}")
+        raise SystemExit(f"orthanc-ai: model manifest error: {exc}") from None
+
+    def reload_models() -> dict:
+        try:
+            models = load_models()
+        except ManifestError as exc:
+            from orthanc_plugin.events import RequestError
+            raise RequestError(f"models not reloaded: {exc}", status=400) from None
+        return {"models": [m.to_json() for m in models.values()]}
+
+    def on_transition(job: dict, old: str, new: str, actor: str) -> None:
+        log.info("job %s (%s) %s → %s by %s%s", job["id"], job["model_id"], old, new, actor,
+                 f": {job['error']}" if new in ("failed", "skipped") and job.get("error") else "")
+
+    store = JobStore(cfg.job_store_path, max_attempts=cfg.max_attempts, lease_seconds=cfg.lease_seconds,
+                     on_transition=on_transition)
+    dispatcher = Dispatcher(store, _RestReader(), cfg.rules, lambda: state["models"])
+    supervisor = Supervisor(store=store, python=cfg.worker_python, orthanc_url=orthanc_url(full),
+                            credentials=service_credentials(full), count=cfg.worker_count,
+                            log_directory=cfg.log_directory, repo_root=_REPO, threads=cfg.worker_threads,
+                            reaper_interval=cfg.reaper_interval_seconds,
+                            models_directories=cfg.models_directories)
+    api = Api(store, dispatcher, version=__version__, health=supervisor.describe,
+              models=lambda: state["models"], reload_models=reload_models, lease_seconds=cfg.lease_seconds)
+
+    def on_change(change_type, level, resource_id) -> None:
+        if change_type == orthanc.ChangeType.STABLE_STUDY:
+            if cfg.auto_trigger:
+                dispatcher.notify_stable_study(resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            dispatcher.start()
+            supervisor.start()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            dispatcher.stop()
+            supervisor.stop()
+
+    def on_rest(output, uri, **request) -> None:
+        req = Request(method=request["method"], path=request["groups"][0], query=request.get("get") or {},
+                      body=request.get("body") or b"", headers=request.get("headers") or {})
+        try:
+            status, body = api.handle(req)
+        except Exception as exc:  # never leak a traceback to the client
+            log.exception("route /ai/%s failed", req.path)
+            status, body = 500, {"error": f"internal error: {type(exc).__name__}"}
+        _send(output, status, body)
+
+    orthanc.RegisterOnChangeCallback(on_change)
+    orthanc.RegisterRestCallback("/ai/(.*)", on_rest)
+    log.warning("AI extension %s ready: %d model(s), %d rule(s), %d local worker(s), job store %s",
+                __version__, len(state["models"]), len(cfg.rules), cfg.worker_count, cfg.job_store_path)
+
+
+_setup()

@@ -1,0 +1,37 @@
+"""Configuration validation: a bad value stops start-up with a message that names the key."""
+
+import pytest
+
+from orthanc_plugin.config import ConfigError, parse_config, strip_json_comments
+
+
+def test_defaults(tmp_path):
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    cfg = parse_config({}, base=tmp_path)
+    assert cfg.worker_count == 1 and cfg.max_attempts == 3
+    assert cfg.rules[0].model == "brain-lesion-candidates"
+    assert cfg.job_store_path == tmp_path / "var" / "ai-jobs.sqlite"
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"WorkerCount": "two"}, "AI.WorkerCount"),
+    ({"WorkerCount": 99}, "AI.WorkerCount"),
+    ({"LeaseSeconds": 1}, "AI.LeaseSeconds"),
+    ({"MaxAttempts": 0}, "AI.MaxAttempts"),
+    ({"Enabled": "yes"}, "AI.Enabled"),
+    ({"ModelsDirectory": "/nonexistent/models"}, "AI.ModelsDirectory"),
+    ({"Rules": [{"Modality": "MR"}]}, "AI.Rules"),
+    ({"Rulez": []}, "Rulez"),
+    ({"WorkerCount": 1, "WorkerPython": "/nonexistent/python"}, "AI.WorkerPython"),
+    ({"LeaseSeconds": True}, "AI.LeaseSeconds"),
+])
+def test_bad_values_name_the_key(section, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config({"AI": {"WorkerCount": 0, **section}}, base=tmp_path)
+
+
+def test_strip_comments_keeps_strings():
+    text = '{ // c\n "a": "http://x/*y*/", /* b */ "b": 1 }'
+    import json
+    assert json.loads(strip_json_comments(text)) == {"a": "http://x/*y*/", "b": 1}

@@ -1,0 +1,142 @@
+"""REST handlers and the dispatcher against a fake Orthanc reader (no server)."""
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from orthanc_plugin import jobs as J
+from orthanc_plugin.events import Dispatcher
+from orthanc_plugin.routes import Api, Request
+from orthanc_plugin.rules import parse_rules
+
+STUDY_UID = "1.2.826.0.1.1"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@dataclass
+class FakeManifest:
+    id: str
+    version: str = "0.1.0"
+    modality: str = "MR"
+    params: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return {"id": self.id, "version": self.version, "modality": self.modality}
+
+
+class FakeOrthanc:
+    def __init__(self):
+        self.series = [
+            {"ID": "ser-mr", "Instances": ["i1", "i2", "i3"],
+             "MainDicomTags": {"Modality": "MR", "SeriesInstanceUID": "1.2.826.0.1.1.1", "SeriesDescription": "t1"}},
+            {"ID": "ser-seg", "Instances": ["i9"],
+             "MainDicomTags": {"Modality": "SEG", "SeriesInstanceUID": "1.2.826.0.1.1.9",
+                               "SeriesDescription": "AI x", "Manufacturer": "Orthanc AI"}},
+        ]
+
+    def get_json(self, uri):
+        if uri == "/studies/st":
+            return {"MainDicomTags": {"StudyInstanceUID": STUDY_UID}}
+        if uri == "/studies/st/series":
+            return self.series
+        raise KeyError(uri)
+
+    def get_text(self, uri):
+        return "1.2.840.10008.5.1.4.1.1.66.4" if "i9" in uri else MR
+
+    def lookup_study(self, uid):
+        return "st" if uid == STUDY_UID else None
+
+
+@pytest.fixture
+def api(tmp_path):
+    store = J.JobStore(tmp_path / "j.sqlite", lease_seconds=30)
+    models = {"brain": FakeManifest("brain")}
+    d = Dispatcher(store, FakeOrthanc(), tuple(parse_rules([{"Modality": "MR", "Model": "brain"}])), lambda: models)
+    a = Api(store, d, version="t", health=lambda: {"worker": {"state": "running"}}, models=lambda: models,
+            reload_models=lambda: {"models": []}, lease_seconds=30)
+    yield a
+    store.close()
+
+
+def call(api, method, path, body=None, query=None, user="alice"):
+    auth = "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
+    return api.handle(Request(method, path, query or {}, raw, {"authorization": auth}))
+
+
+def test_stable_study_routes_mr_once_and_ignores_our_seg(api):
+    created = api.dispatcher.on_stable_study("st")
+    assert [(j["model_id"], j["orthanc_series_id"], j["state"]) for j in created] == [("brain", "ser-mr", "queued")]
+    assert api.dispatcher.on_stable_study("st") == []  # STABLE_STUDY again after our SEG: no new job
+
+
+def test_more_instances_make_a_new_job(api):
+    api.dispatcher.on_stable_study("st")
+    api.dispatcher.orthanc.series[0]["Instances"].append("i4")
+    assert len(api.dispatcher.on_stable_study("st")) == 1
+
+
+def test_manual_segment_202_then_409_then_force(api):
+    status, body = call(api, "POST", f"studies/{STUDY_UID}/segment", {})
+    assert status == 202 and body["state"] == "queued" and body["trigger"] == "manual" and len(body["jobs"]) == 1
+    status, body2 = call(api, "POST", f"studies/{STUDY_UID}/segment", {"model": "brain"})
+    assert status == 409 and body["id"] in body2["jobs"]
+    status, body3 = call(api, "POST", f"studies/{STUDY_UID}/segment", {"model": "brain", "force": True})
+    assert status == 202 and body3["id"] != body["id"]
+    assert api.store.get(body["id"])["state"] == "cancelled"  # superseded, not duplicated
+    audit = api.store.audit(body3["id"])
+    assert audit[0]["actor"] == "alice"
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": 3}, 400, "model"),
+    ({"force": "yes"}, 400, "force"),
+    ({"model": "nope"}, 400, "unknown model"),
+])
+def test_segment_bad_input(api, body, status, needle):
+    code, out = call(api, "POST", f"studies/{STUDY_UID}/segment", body)
+    assert code == status and needle in out["error"]
+
+
+def test_unknown_study_and_job_are_404(api):
+    assert call(api, "POST", "studies/1.2.3/segment", {})[0] == 404
+    assert call(api, "GET", "jobs/" + "a" * 32)[0] == 404
+    assert call(api, "GET", "nothing/here")[0] == 404
+    assert call(api, "DELETE", "jobs")[0] == 405
+
+
+def test_worker_protocol_claim_heartbeat_complete(api):
+    call(api, "POST", f"studies/{STUDY_UID}/segment", {})
+    status, claimed = call(api, "POST", "worker/claim", {"worker": "w1", "models": ["brain"]})
+    assert status == 200 and claimed["model"]["id"] == "brain" and "lease_token" not in claimed["job"]
+    job_id, lease = claimed["job"]["id"], claimed["lease"]
+    assert call(api, "POST", "worker/claim", {"worker": "w1"})[0] == 204
+    status, hb = call(api, "POST", f"jobs/{job_id}/heartbeat", {"lease": lease, "progress": 0.4})
+    assert status == 200 and hb == {"state": "running", "cancel": False}
+    assert call(api, "GET", f"jobs/{job_id}")[1]["progress"] == 0.4
+    assert call(api, "POST", f"jobs/{job_id}/complete", {"lease": "wrong", "outputs": []})[0] == 409
+    status, done = call(api, "POST", f"jobs/{job_id}/complete", {"lease": lease, "outputs": ["1.2.3"]})
+    assert status == 200 and done["state"] == "done" and done["outputs"] == ["1.2.3"]
+    status, listing = call(api, "GET", "jobs", query={"state": "done"})
+    assert [j["id"] for j in listing["jobs"]] == [job_id] and listing["counts"]["done"] == 1
+
+
+def test_worker_fail_skipped_and_cancel(api):
+    call(api, "POST", f"studies/{STUDY_UID}/segment", {})
+    claimed = call(api, "POST", "worker/claim", {"worker": "w1"})[1]
+    status, job = call(api, "POST", f"jobs/{claimed['job']['id']}/fail",
+                       {"lease": claimed["lease"], "error": "series has 1 slice", "skipped": True})
+    assert status == 200 and job["state"] == "skipped" and job["error"] == "series has 1 slice"
+    status, job2 = call(api, "POST", f"studies/{STUDY_UID}/segment", {"force": True})
+    status, cancelled = call(api, "POST", f"jobs/{job2['id']}/cancel")
+    assert status == 200 and cancelled["state"] == "cancelled"
+    assert call(api, "POST", f"jobs/{job2['id']}/cancel")[0] == 409
+
+
+def test_health_has_worker_and_counts(api):
+    status, body = call(api, "GET", "health")
+    assert status == 200 and body["worker"]["state"] == "running" and "queued" in body["jobs"]
