@@ -1,0 +1,185 @@
+"""The inference worker: ``python -m inference --orthanc URL``.
+
+Stateless: it claims a job over HTTP with a lease, renews the lease by heartbeat while it works (reporting
+progress), and completes or fails the job. Several workers, on this machine or others, can share a queue.
+Credentials come from $ORTHANC_AI_USER / $ORTHANC_AI_PASSWORD (never from the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from inference import __version__
+from inference.client import OrthancClient, OrthancUnavailable
+from inference.models.manifest import BUILTIN_MODELS_DIR, ModelManifest, load_manifests
+from inference.models.registry import load_model
+from inference.pipeline import JobCancelled, JobContext, JobSkipped, run_segmentation
+from inference.volume import VolumeError
+
+log = logging.getLogger("inference.worker")
+
+
+class Heartbeat:
+    """Renews the lease of the running job in the background and relays progress and cancellation."""
+
+    def __init__(self, client: OrthancClient, job_id: str, lease: str, interval: float, parent_pid: int | None):
+        self.client, self.job_id, self.lease, self.interval = client, job_id, lease, interval
+        self.parent_pid = parent_pid
+        self.progress, self.message = 0.0, ""
+        self.cancel = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def report(self, progress: float, message: str) -> None:
+        self.progress, self.message = progress, message
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.error("Orthanc (pid %d) is gone; stopping", self.parent_pid)
+                os._exit(3)
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            r = self.client.post_json(f"/ai/jobs/{self.job_id}/heartbeat",
+                                      {"lease": self.lease, "progress": self.progress, "message": self.message},
+                                      timeout=10)
+        except OrthancUnavailable as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        if r.status_code == 409 or (r.status_code == 200 and r.json().get("cancel")):
+            log.warning("job %s was cancelled or reassigned; stopping it", self.job_id)
+            self.cancel.set()
+
+
+class Worker:
+    def __init__(self, client: OrthancClient, worker_id: str, manifests: dict[str, ModelManifest], *,
+                 poll_seconds: float = 1.0, parent_pid: int | None = None) -> None:
+        self.client = client
+        self.worker_id = worker_id
+        self.manifests = manifests
+        self.poll_seconds = poll_seconds
+        self.parent_pid = parent_pid
+        self.stopping = threading.Event()
+
+    def claim(self) -> dict | None:
+        r = self.client.post_json("/ai/worker/claim", {"worker": self.worker_id, "models": sorted(self.manifests)})
+        if r.status_code == 204:
+            return None
+        if r.status_code != 200:
+            raise OrthancUnavailable(f"claim refused: {r.status_code} {r.text[:200]}")
+        return r.json()
+
+    def run_forever(self, *, once: bool = False) -> None:
+        log.info("worker %s (version %s) serving %s", self.worker_id, __version__, ", ".join(sorted(self.manifests)))
+        while not self.stopping.is_set():
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.error("Orthanc (pid %d) is gone; stopping", self.parent_pid)
+                return
+            try:
+                claimed = self.claim()
+            except OrthancUnavailable as exc:
+                log.warning("%s; retrying", exc)
+                self.stopping.wait(min(5.0, self.poll_seconds * 3))
+                continue
+            if claimed is None:
+                if once:
+                    return
+                self.stopping.wait(self.poll_seconds)
+                continue
+            self.process(claimed)
+            if once:
+                return
+
+    def process(self, claimed: dict) -> None:
+        job, lease = claimed["job"], claimed["lease"]
+        job_id = job["id"]
+        interval = max(1.0, float(claimed.get("lease_seconds", 30)) / 3)
+        log.info("job %s: %s on series %s (attempt %d)", job_id, job["model_id"], job["orthanc_series_id"],
+                 job["attempts"])
+        outcome: dict = {}
+        with Heartbeat(self.client, job_id, lease, interval, self.parent_pid) as hb:
+            ctx = JobContext(report=hb.report, cancelled=hb.cancel.is_set)
+            try:
+                manifest = self.manifests[job["model_id"]]
+                model = load_model(manifest)
+                outputs = run_segmentation(self.client, job["orthanc_series_id"], model, ctx,
+                                           min_slices=int(manifest.params.get("min_slices", 3)))
+                outcome = {"path": "complete", "outputs": outputs}
+            except JobCancelled:
+                log.warning("job %s stopped: cancelled", job_id)
+                return
+            except JobSkipped as exc:
+                outcome = {"path": "fail", "error": str(exc), "skipped": True}
+            except VolumeError as exc:
+                outcome = {"path": "fail", "error": str(exc), "retryable": False}
+            except OrthancUnavailable as exc:
+                outcome = {"path": "fail", "error": str(exc), "retryable": True}
+            except Exception as exc:  # a bug or a broken model: fail visibly, keep the worker alive
+                log.exception("job %s failed", job_id)
+                outcome = {"path": "fail", "error": f"{type(exc).__name__}: {exc}", "retryable": False}
+        path = outcome.pop("path")
+        log.info("job %s: %s %s (timings %s)", job_id, path, outcome.get("error", ""),
+                 {k: round(v, 2) for k, v in ctx.timings.items()})
+        self._report(job_id, path, {"lease": lease, "worker": self.worker_id, **outcome})
+
+    def _report(self, job_id: str, path: str, body: dict) -> None:
+        for attempt in range(10):  # the result is stored: try hard to say so
+            try:
+                r = self.client.post_json(f"/ai/jobs/{job_id}/{path}", body)
+                if r.status_code == 409:
+                    log.warning("job %s: %s refused (%s)", job_id, path, r.text[:200])
+                return
+            except OrthancUnavailable as exc:
+                log.warning("could not report job %s (%s); retrying", job_id, exc)
+                time.sleep(min(2 ** attempt, 10))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orthanc", required=True, help="Orthanc base URL, e.g. http://127.0.0.1:8042")
+    parser.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    parser.add_argument("--models-dir", action="append", default=[], type=Path,
+                        help="extra models directory (repeatable); built-in models are always available")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between claims when idle")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for numerical libraries")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (Orthanc) is gone")
+    parser.add_argument("--once", action="store_true", help="process at most one job, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    user, password = os.environ.get("ORTHANC_AI_USER"), os.environ.get("ORTHANC_AI_PASSWORD")
+    client = OrthancClient(args.orthanc, (user, password) if user and password else None)
+    manifests = {m.id: m for m in load_manifests([BUILTIN_MODELS_DIR, *args.models_dir])}
+    worker = Worker(client, args.worker_id, manifests, poll_seconds=args.poll, parent_pid=args.parent_pid)
+
+    def stop(*_: object) -> None:
+        worker.stopping.set()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run_forever(once=args.once)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""One job as a list of steps: load → model → write → store. Each step is testable without Orthanc."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pydicom
+
+from inference.client import OrthancClient
+from inference.models.base import InputNotSupported, SegmentationModel
+from inference.results.identity import derived_uid
+from inference.results.seg import write_segmentation
+from inference.volume import UnsupportedInput, Volume, VolumeError, volume_from_datasets
+
+log = logging.getLogger("inference.pipeline")
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or its lease lost) while it ran; stop without reporting a result."""
+
+
+class JobSkipped(Exception):
+    """The input is not something the model handles; the job ends 'skipped' with this reason."""
+
+
+@dataclass
+class JobContext:
+    """What a step may use: progress reporting and a cancellation check."""
+
+    report: Callable[[float, str], None]
+    cancelled: Callable[[], bool]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def step(self, fraction: float, message: str) -> None:
+        if self.cancelled():
+            raise JobCancelled(message)
+        self.report(fraction, message)
+
+
+def load_series(client: OrthancClient, orthanc_series_id: str, ctx: JobContext,
+                span: tuple[float, float] = (0.0, 0.3)) -> list[pydicom.Dataset]:
+    datasets = []
+    for i, count, ds in client.iter_series_datasets(orthanc_series_id):
+        datasets.append(ds)
+        if i % 8 == 0 or i == count - 1:
+            ctx.step(span[0] + (span[1] - span[0]) * (i + 1) / count, f"reading instance {i + 1}/{count}")
+    return datasets
+
+
+def build_volume(datasets: list[pydicom.Dataset], min_slices: int) -> Volume:
+    try:
+        return volume_from_datasets(datasets, min_slices=min_slices)
+    except UnsupportedInput as exc:
+        raise JobSkipped(str(exc)) from exc
+
+
+def result_uids(volume: Volume, model: SegmentationModel, kind: str) -> tuple[str, str]:
+    """Series and SOP Instance UIDs derived from (study, model id + version, input series): a re-run of the
+    same model on the same series yields the same UIDs and therefore replaces its earlier result."""
+    parts = (volume.study_instance_uid, model.info.id, model.info.version, volume.series_instance_uid, kind)
+    return derived_uid(*parts, "series"), derived_uid(*parts, "instance")
+
+
+def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: SegmentationModel,
+                     ctx: JobContext, *, min_slices: int = 3) -> list[str]:
+    """The whole job: returns the SOP Instance UIDs stored into the study."""
+    t0 = time.perf_counter()
+    datasets = load_series(client, orthanc_series_id, ctx)
+    ctx.timings["load"] = time.perf_counter() - t0
+    volume = build_volume(datasets, min_slices)
+    del datasets
+    ctx.step(0.35, f"running {model.info.id}")
+    t1 = time.perf_counter()
+    try:
+        result = model.segment(volume, lambda p: ctx.step(0.35 + 0.5 * max(0.0, min(1.0, p)), "segmenting"))
+    except InputNotSupported as exc:
+        raise JobSkipped(str(exc)) from exc
+    ctx.timings["model"] = time.perf_counter() - t1
+    ctx.step(0.87, "writing DICOM SEG")
+    t2 = time.perf_counter()
+    series_uid, sop_uid = result_uids(volume, model, "SEG")
+    seg = write_segmentation(volume, result.labels, model.info.segments, model.info,
+                             series_instance_uid=series_uid, sop_instance_uid=sop_uid)
+    ctx.step(0.95, "storing results in Orthanc")
+    client.store(seg)
+    ctx.timings["write"] = time.perf_counter() - t2
+    return [str(seg.SOPInstanceUID)]
+
+
+__all__ = ["JobCancelled", "JobContext", "JobSkipped", "VolumeError", "run_segmentation", "result_uids"]

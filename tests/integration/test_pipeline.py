@@ -1,0 +1,121 @@
+"""End to end: a PACS peer sends a brain MR by C-STORE → the plugin queues a job → the worker writes a SEG."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+import requests
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@pytest.fixture(scope="module")
+def brain_series(shared_data: Path) -> Path:
+    return shared_data / "mr_brain" / "siemens_t1_fl2d_sag_HFS"
+
+
+@pytest.fixture(scope="module")
+def brain_uids(brain_series: Path) -> tuple[str, str]:
+    ds = pydicom.dcmread(next(brain_series.glob("*.dcm")), stop_before_pixels=True)
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID
+
+
+@pytest.fixture(scope="module")
+def first_run(orthanc, brain_series, brain_uids):
+    orthanc.storescu(brain_series)
+    jobs = orthanc.wait_jobs(brain_uids[0], 1, timeout=180)
+    return jobs
+
+
+def seg_instances(orthanc, study_uid: str) -> list[str]:
+    out = []
+    for series in orthanc.series_of_study(study_uid):
+        if series["MainDicomTags"].get("Modality") == "SEG":
+            out.extend(series["Instances"])
+    return out
+
+
+def test_cstore_creates_one_done_job(first_run, brain_uids, orthanc):
+    assert len(first_run) == 1, first_run
+    job = first_run[0]
+    assert job["state"] == "done", f"{job}\n{orthanc.log()[-3000:]}"
+    assert job["model_id"] == "brain-lesion-candidates" and job["trigger"] == "auto"
+    assert job["series_instance_uid"] == brain_uids[1]
+    assert job["progress"] == 1.0 and job["attempts"] == 1 and len(job["outputs"]) == 1
+    assert orthanc.get(f"/ai/jobs/{job['id']}")["state"] == "done"
+
+
+def test_seg_is_aligned_valid_and_readable(first_run, brain_uids, brain_series, orthanc, tmp_path):
+    instances = seg_instances(orthanc, brain_uids[0])
+    assert len(instances) == 1
+    series = next(s for s in orthanc.series_of_study(brain_uids[0]) if s["MainDicomTags"]["Modality"] == "SEG")
+    assert series["MainDicomTags"]["SeriesDescription"].startswith("AI ")
+    data = orthanc.session.get(f"{orthanc.url}/instances/{instances[0]}/file").content
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(data)
+
+    seg = hd.seg.segread(io.BytesIO(data))
+    assert seg.SOPClassUID == SEG_CLASS and seg.SOPInstanceUID == first_run[0]["outputs"][0]
+    assert seg.StudyInstanceUID == brain_uids[0]
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {brain_uids[1]}
+    sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in brain_series.glob("*.dcm")}
+    frame_refs = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for f in seg.PerFrameFunctionalGroupsSequence}
+    assert frame_refs == sources  # one frame per source slice, empty ones kept
+    assert int(seg.NumberOfFrames) == len(sources) * len(seg.SegmentSequence)
+    assert seg.Manufacturer == "Orthanc AI" and seg.ContributingEquipmentSequence
+
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+        assert not errors, "\n".join(errors)
+
+
+def test_second_send_creates_no_duplicate(first_run, brain_series, brain_uids, orthanc):
+    orthanc.storescu(brain_series)
+    import time
+    time.sleep(5)  # past StableAge (2 s): a duplicate job would have been created by now
+    jobs = orthanc.wait_jobs(brain_uids[0], 1)
+    assert [j["id"] for j in jobs] == [first_run[0]["id"]]
+    assert len(seg_instances(orthanc, brain_uids[0])) == 1
+
+
+def test_manual_force_rerun_replaces_the_result(first_run, brain_uids, orthanc):
+    r = orthanc.post(f"/ai/studies/{brain_uids[0]}/segment", {})
+    assert r.status_code == 409, r.text
+    r = orthanc.post(f"/ai/studies/{brain_uids[0]}/segment", {"model": "brain-lesion-candidates", "force": True})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and job["trigger"] == "manual"
+    jobs = orthanc.wait_jobs(brain_uids[0], 2)
+    rerun = next(j for j in jobs if j["id"] == job["id"])
+    assert rerun["state"] == "done"
+    assert rerun["outputs"] == first_run[0]["outputs"]  # deterministic UIDs: replaced, not duplicated
+    assert len(seg_instances(orthanc, brain_uids[0])) == 1
+
+
+def test_routes_need_authentication(orthanc):
+    r = requests.get(orthanc.url + "/ai/jobs", timeout=10)
+    assert r.status_code == 401
+    r = requests.get(orthanc.url + "/ai/jobs", auth=("tester", "wrong"), timeout=10)
+    assert r.status_code == 401
+
+
+def test_health_models_and_errors(orthanc):
+    health = orthanc.health()
+    assert health["status"] == "ok" and health["worker"]["state"] == "running"
+    assert health["worker"]["processes"][0]["pid"]
+    models = orthanc.get("/ai/models")["models"]
+    assert "brain-lesion-candidates" in [m["id"] for m in models]
+    assert orthanc.session.get(orthanc.url + "/ai/jobs/" + "0" * 32).status_code == 404
+    r = orthanc.post("/ai/studies/1.2.3.4/segment", {})
+    assert r.status_code == 404 and "no study" in r.json()["error"]
+    r = orthanc.session.post(orthanc.url + "/ai/studies/1.2.3.4/segment", data=b"{oops")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
