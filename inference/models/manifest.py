@@ -30,6 +30,8 @@ class ManifestError(Exception):
 
 @dataclass(frozen=True)
 class ModelManifest:
+    """One installed model as its ``manifest.json`` describes it; ``path`` is its folder."""
+
     id: str
     name: str
     version: str
@@ -63,7 +65,7 @@ def _check_segments(segments: list, where: str) -> None:
         for key in ("label", "name", "category", "type", "color"):
             if key not in seg:
                 raise ManifestError(f"{where}: segments[{i}] lacks '{key}'")
-        if not isinstance(seg["label"], int) or not 1 <= seg["label"] <= 255:
+        if isinstance(seg["label"], bool) or not isinstance(seg["label"], int) or not 1 <= seg["label"] <= 255:
             raise ManifestError(f"{where}: segments[{i}].label must be an integer 1..255")
         for code_key in ("category", "type"):
             code = seg[code_key]
@@ -75,6 +77,7 @@ def _check_segments(segments: list, where: str) -> None:
 
 
 def read_manifest(path: Path) -> ModelManifest:
+    """Read and validate one ``manifest.json``; raises ManifestError naming the file and the key."""
     raw = path.read_bytes()
     try:
         data = json.loads(raw)
@@ -110,6 +113,7 @@ def load_manifests(directories: Sequence[Path]) -> list[ModelManifest]:
         for path in sorted(directory.glob("*/manifest.json")):
             manifest = read_manifest(path)
             if manifest.id in seen:
-                raise ManifestError(f"model id '{manifest.id}' is defined twice: {seen[manifest.id].path} and {manifest.path}")
+                first = Path(seen[manifest.id].path) / "manifest.json"
+                raise ManifestError(f"model id '{manifest.id}' is defined twice: {first} and {path}")
             seen[manifest.id] = manifest
     return list(seen.values())
