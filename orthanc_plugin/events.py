@@ -167,4 +167,6 @@ class Dispatcher:
             series_instance_uid=series.tags.get("SeriesInstanceUID", ""), orthanc_series_id=series.orthanc_id,
             model_id=manifest.id, model_version=manifest.version, input_fingerprint=series.fingerprint,
             trigger=trigger, priority=1 if trigger == "manual" else 0), actor=actor)
+        if getattr(manifest, "status", "available") != "available":
+            return self.store.reject(job["id"], f"model '{manifest.id}' is unavailable: {manifest.reason}", actor=actor)
         return self.store.enqueue(job["id"], actor=actor)

@@ -31,7 +31,7 @@ ACTIVE = frozenset({PENDING, QUEUED, RUNNING})
 
 #: The only legal transitions. ``running → queued`` is a retry after a lost worker or a transient error.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({QUEUED, CANCELLED, SKIPPED}),
+    PENDING: frozenset({QUEUED, CANCELLED, SKIPPED, FAILED}),  # failed: e.g. its model is unavailable
     QUEUED: frozenset({RUNNING, CANCELLED}),
     RUNNING: frozenset({DONE, FAILED, CANCELLED, SKIPPED, QUEUED}),
     DONE: frozenset(),
@@ -233,6 +233,10 @@ class JobStore:
     def skip(self, job_id: str, reason: str, *, actor: str = "system", lease_token: str | None = None) -> dict:
         return self._transition(job_id, SKIPPED, actor=actor, error=reason, require_lease=lease_token,
                                 finished_at=time.time(), progress=1.0)
+
+    def reject(self, job_id: str, error: str, *, actor: str = "system") -> dict:
+        """Fail a job before it is queued (its model is unavailable, say): never claimed, never retried."""
+        return self._transition(job_id, FAILED, actor=actor, error=error, finished_at=time.time())
 
     def cancel(self, job_id: str, *, actor: str = "user", reason: str = "cancelled by a user") -> dict:
         return self._transition(job_id, CANCELLED, actor=actor, error=reason, finished_at=time.time())

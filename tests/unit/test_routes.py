@@ -140,3 +140,12 @@ def test_worker_fail_skipped_and_cancel(api):
 def test_health_has_worker_and_counts(api):
     status, body = call(api, "GET", "health")
     assert status == 200 and body["worker"]["state"] == "running" and "queued" in body["jobs"]
+
+
+def test_job_for_an_unavailable_model_fails_at_once_with_the_reason(api):
+    broken = FakeManifest("brain")
+    broken.status, broken.reason = "unavailable", "configs/inference.json is not valid JSON"
+    api.dispatcher.models = lambda: {"brain": broken}
+    job = api.dispatcher.on_stable_study("st")[0]
+    assert job["state"] == "failed" and "inference.json" in job["error"]
+    assert call(api, "POST", "worker/claim", {"worker": "w"})[0] == 204
