@@ -38,6 +38,9 @@ class AIConfig:
     max_attempts: int = 3
     reaper_interval_seconds: float = 2.0
     auto_trigger: bool = True
+    report_language: str = "en"
+    report_template_directory: Path | None = None
+    approved_models: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -51,7 +54,8 @@ class AIConfig:
 
 _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
-          "AutoTrigger"}
+          "AutoTrigger", "Report", "ApprovedModels"}
+REPORT_LANGUAGES = ("en", "fr")
 
 
 def _typed(section: dict, key: str, kind: type | tuple, default: Any) -> Any:
@@ -117,7 +121,27 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
     if worker_count > 0 and not python.exists():
         raise ConfigError(f'"AI.WorkerPython": {python} does not exist (run "make venv" or set the key)')
 
+    report = _typed(section, "Report", dict, {})
+    unknown = sorted(set(report) - {"Language", "TemplateDirectory"})
+    if unknown:
+        raise ConfigError(f'unknown key(s) in "AI.Report": {", ".join(unknown)}')
+    language = report.get("Language", "en")
+    if language not in REPORT_LANGUAGES:
+        raise ConfigError(f'"AI.Report.Language" must be one of {", ".join(REPORT_LANGUAGES)}, not {language!r}')
+    template_dir = None
+    if report.get("TemplateDirectory"):
+        if not isinstance(report["TemplateDirectory"], str):
+            raise ConfigError('"AI.Report.TemplateDirectory" must be a path string')
+        template_dir = _path(report["TemplateDirectory"], base)
+        if not template_dir.is_dir():
+            raise ConfigError(f'"AI.Report.TemplateDirectory": {template_dir} is not a directory')
+    approved = _typed(section, "ApprovedModels", dict, {})
+    for model_id, checksum in approved.items():
+        if not (isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum)):
+            raise ConfigError(f'"AI.ApprovedModels.{model_id}" must be the model\'s sha256 (64 hex digits)')
+
     return AIConfig(
+        report_language=language, report_template_directory=template_dir, approved_models=dict(approved),
         enabled=_typed(section, "Enabled", bool, True), data_directory=data_dir,
         models_directories=tuple(dirs), rules=tuple(rules), worker_count=worker_count,
         worker_python=python, worker_threads=threads, lease_seconds=lease, max_attempts=attempts,

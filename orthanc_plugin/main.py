@@ -135,7 +135,9 @@ def _setup() -> None:
                             reaper_interval=cfg.reaper_interval_seconds,
                             models_directories=cfg.models_directories)
     api = Api(store, dispatcher, version=__version__, health=supervisor.describe,
-              models=lambda: state["models"], reload_models=reload_models, lease_seconds=cfg.lease_seconds)
+              models=lambda: state["models"], reload_models=reload_models, lease_seconds=cfg.lease_seconds,
+              worker_settings={"report_language": cfg.report_language,
+                               "report_template_directory": str(cfg.report_template_directory or "") or None})
 
     def on_change(change_type, level, resource_id) -> None:
         if change_type == orthanc.ChangeType.STABLE_STUDY:

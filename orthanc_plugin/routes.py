@@ -59,7 +59,7 @@ class Api:
 
     def __init__(self, store: J.JobStore, dispatcher: Dispatcher, *, version: str,
                  health: Callable[[], dict], models: Callable[[], dict], reload_models: Callable[[], dict],
-                 lease_seconds: float) -> None:
+                 lease_seconds: float, worker_settings: dict | None = None) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.version = version
@@ -67,6 +67,7 @@ class Api:
         self.models = models
         self.reload_models = reload_models
         self.lease_seconds = lease_seconds
+        self.worker_settings = worker_settings or {}
         self._routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("GET", re.compile(r"health"), self.health),
             ("GET", re.compile(r"models"), self.list_models),
@@ -168,7 +169,7 @@ class Api:
             return 204, None
         manifest = models[job["model_id"]]
         return 200, {"job": self.view(job), "lease": job["lease_token"], "lease_seconds": self.lease_seconds,
-                     "model": manifest.to_json()}
+                     "model": manifest.to_json(), "settings": self.worker_settings}
 
     def _lease(self, body: dict) -> str:
         lease = body.get("lease")

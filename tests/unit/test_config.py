@@ -35,3 +35,21 @@ def test_strip_comments_keeps_strings():
     text = '{ // c\n "a": "http://x/*y*/", /* b */ "b": 1 }'
     import json
     assert json.loads(strip_json_comments(text)) == {"a": "http://x/*y*/", "b": 1}
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"Report": {"Language": "de"}}, "AI.Report.Language"),
+    ({"Report": {"TemplateDirectory": "/nonexistent"}}, "AI.Report.TemplateDirectory"),
+    ({"Report": {"Logo": "x"}}, "AI.Report"),
+    ({"ApprovedModels": {"spleen": "abc"}}, "AI.ApprovedModels.spleen"),
+])
+def test_report_and_approval_values_are_checked(section, key, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config({"AI": {"WorkerCount": 0, **section}}, base=tmp_path)
+
+
+def test_report_settings_parsed(tmp_path):
+    cfg = parse_config({"AI": {"WorkerCount": 0, "Report": {"Language": "fr", "TemplateDirectory": str(tmp_path)},
+                               "ApprovedModels": {"spleen": "a" * 64}}}, base=tmp_path)
+    assert cfg.report_language == "fr" and cfg.report_template_directory == tmp_path
+    assert cfg.approved_models == {"spleen": "a" * 64}
