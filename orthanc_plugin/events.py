@@ -84,6 +84,33 @@ class Dispatcher:
             except Exception:  # a bad study must not stop the dispatcher
                 log.exception("could not route stable study %s", study_id)
 
+    def replay_changes(self, since: int) -> tuple[int, int]:
+        """Re-route the studies Orthanc changed since change ``since`` (a restart loses STABLE_STUDY events of
+        studies that were still arriving). Routing is idempotent, so replaying twice creates nothing twice.
+        Returns (studies queued for routing, last change seen)."""
+        studies: list[str] = []
+        last = since
+        while True:
+            page = self.orthanc.get_json(f"/changes?since={last}&limit=1000")
+            for change in page.get("Changes", []):
+                kind, resource = change.get("ChangeType"), change.get("ID")
+                study = None
+                if kind in ("NewStudy", "StableStudy"):
+                    study = resource
+                elif kind == "NewSeries":
+                    try:
+                        study = self.orthanc.get_json(f"/series/{resource}").get("ParentStudy")
+                    except Exception:  # deleted since
+                        study = None
+                if study and study not in studies:
+                    studies.append(study)
+            last = int(page.get("Last", last))
+            if page.get("Done", True) or not page.get("Changes"):
+                break
+        for study in studies:
+            self.notify_stable_study(study)
+        return len(studies), last
+
     # -- work ----------------------------------------------------------------------------------
     def study_series(self, orthanc_study_id: str) -> list[SeriesInfo]:
         out = []
@@ -100,7 +127,11 @@ class Dispatcher:
 
     def on_stable_study(self, orthanc_study_id: str) -> list[dict]:
         """Route every series of a stable study; create jobs that do not exist yet."""
-        study = self.orthanc.get_json(f"/studies/{orthanc_study_id}")
+        try:
+            study = self.orthanc.get_json(f"/studies/{orthanc_study_id}")
+        except Exception:
+            log.info("study %s is gone; nothing to route", orthanc_study_id)
+            return []
         study_uid = study["MainDicomTags"]["StudyInstanceUID"]
         models = self.models()
         created = []

@@ -122,6 +122,8 @@ class JobStore:
                 self.db["jobs"].create_index(["state", "priority", "queued_at"])
                 self.db["jobs"].create_index(["study_instance_uid"])
                 self.db["jobs"].create_index(["series_instance_uid", "model_id"])
+            if "settings" not in self.db.table_names():
+                self.db["settings"].create({"key": str, "value": str}, pk="key")
             if "audit" not in self.db.table_names():
                 self.db["audit"].create({"id": int, "ts": str, "job_id": str, "study_instance_uid": str,
                                          "event": str, "from_state": str, "to_state": str,
@@ -212,6 +214,17 @@ class JobStore:
             if job_id:
                 return list(self.db["audit"].rows_where("job_id = ?", [job_id], order_by="id", limit=limit))
             return list(self.db["audit"].rows_where(order_by="id desc", limit=limit))
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        with self._lock:
+            try:
+                return self.db["settings"].get(key)["value"]
+            except sqlite_utils.db.NotFoundError:
+                return default
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._lock:
+            self.db["settings"].upsert({"key": key, "value": value}, pk="key")
 
     # -- writing -------------------------------------------------------------------------------
     def create(self, new: NewJob, *, actor: str = "system") -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -146,9 +147,24 @@ def _setup() -> None:
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             dispatcher.start()
             supervisor.start()
+            threading.Thread(target=replay, name="ai-replay", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             dispatcher.stop()
             supervisor.stop()
+
+    def replay() -> None:
+        """Studies that arrived while we were down, or were not yet stable when Orthanc stopped."""
+        try:
+            stored = store.setting("last_change_seq")
+            if stored is None:  # first start: studies already in Orthanc are not ours to process unasked
+                store.set_setting("last_change_seq", str(_RestReader().get_json("/changes?last")["Last"]))
+                return
+            count, last = dispatcher.replay_changes(int(stored))
+            store.set_setting("last_change_seq", str(last))
+            if count:
+                log.warning("re-routing %d stud(y/ies) changed since the last start (idempotent)", count)
+        except Exception:
+            log.exception("could not replay Orthanc's changes")
 
     def on_rest(output, uri, **request) -> None:
         req = Request(method=request["method"], path=request["groups"][0], query=request.get("get") or {},

@@ -149,3 +149,15 @@ def test_job_for_an_unavailable_model_fails_at_once_with_the_reason(api):
     job = api.dispatcher.on_stable_study("st")[0]
     assert job["state"] == "failed" and "inference.json" in job["error"]
     assert call(api, "POST", "worker/claim", {"worker": "w"})[0] == 204
+
+
+def test_replay_changes_reroutes_idempotently(api):
+    pages = {0: {"Changes": [{"ChangeType": "NewInstance", "ID": "i1"}, {"ChangeType": "NewStudy", "ID": "st"},
+                             {"ChangeType": "StableStudy", "ID": "st"}], "Last": 3, "Done": True}}
+    reader = api.dispatcher.orthanc
+    original = reader.get_json
+    reader.get_json = lambda uri: pages[0] if uri.startswith("/changes") else original(uri)
+    count, last = api.dispatcher.replay_changes(0)
+    assert (count, last) == (1, 3)
+    assert api.dispatcher._queue.get_nowait() == "st"
+    assert len(api.dispatcher.on_stable_study("st")) == 1 and api.dispatcher.on_stable_study("st") == []
