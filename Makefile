@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 REQS := requirements.txt requirements-dev.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools poppler-utils
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools poppler-utils fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps venv unit integration bench clean help

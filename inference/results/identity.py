@@ -37,6 +37,6 @@ def series_description(name: str, *, demonstration: bool = False) -> str:
     text = " ".join(name.split())
     if text.upper().startswith(SERIES_DESCRIPTION_PREFIX):
         text = text[len(SERIES_DESCRIPTION_PREFIX) :].lstrip()
-    if demonstration and not text.upper().startswith("DEMO"):
+    if demonstration and not text.upper().startswith("DEMO "):
         text = f"DEMO {text}"
     return f"{SERIES_DESCRIPTION_PREFIX}{text}".rstrip()[:64]
