@@ -21,7 +21,7 @@ from inference import __version__
 from inference.client import OrthancClient, OrthancUnavailable
 from inference.models.manifest import BUILTIN_MODELS_DIR, ModelManifest, load_manifests
 from inference.models.registry import load_model
-from inference.pipeline import JobCancelled, JobContext, JobSkipped, run_segmentation
+from inference.pipeline import JobCancelled, JobContext, JobSkipped, ReportSettings, run_segmentation
 from inference.volume import VolumeError
 
 log = logging.getLogger("inference.worker")
@@ -121,7 +121,8 @@ class Worker:
                 manifest = self.manifests[job["model_id"]]
                 model = load_model(manifest)
                 outputs = run_segmentation(self.client, job["orthanc_series_id"], model, ctx,
-                                           min_slices=int(manifest.params.get("min_slices", 3)))
+                                           min_slices=int(manifest.params.get("min_slices", 3)),
+                                           report=ReportSettings.from_claim(claimed.get("settings")))
                 outcome = {"path": "complete", "outputs": outputs}
             except JobCancelled:
                 log.warning("job %s stopped: cancelled", job_id)

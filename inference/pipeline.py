@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pydicom
 
 from inference.client import OrthancClient
 from inference.models.base import InputNotSupported, SegmentationModel
 from inference.results.identity import derived_uid
+from inference.results.measurements import measure_findings
+from inference.results.pdf import write_pdf_report
+from inference.results.rtstruct import write_rt_structure_set
 from inference.results.seg import write_segmentation
+from inference.results.sr import write_measurement_report
 from inference.volume import UnsupportedInput, Volume, VolumeError, volume_from_datasets
 
 log = logging.getLogger("inference.pipeline")
@@ -64,8 +70,43 @@ def result_uids(volume: Volume, model: SegmentationModel, kind: str) -> tuple[st
     return derived_uid(*parts, "series"), derived_uid(*parts, "instance")
 
 
+@dataclass(frozen=True)
+class ReportSettings:
+    """Site settings for the results, sent by the plugin with each claimed job."""
+
+    language: str | None = None
+    template_directory: Path | None = None
+
+    @classmethod
+    def from_claim(cls, settings: dict | None) -> "ReportSettings":
+        settings = settings or {}
+        folder = settings.get("report_template_directory")
+        return cls(language=settings.get("report_language"), template_directory=Path(folder) if folder else None)
+
+
+def write_results(volume: Volume, labels: np.ndarray, model: SegmentationModel,
+                  report: ReportSettings = ReportSettings()) -> list[pydicom.Dataset]:
+    """All result objects of one segmentation, built before any is stored (all or nothing):
+    SEG, RT Structure Set, TID 1500 measurement SR, encapsulated PDF report."""
+    info = model.info
+    findings = measure_findings(volume, labels, info.segments,
+                                uid_parts=(volume.study_instance_uid, info.id, info.version,
+                                           volume.series_instance_uid))
+    series, sop = result_uids(volume, model, "SEG")
+    seg = write_segmentation(volume, labels, info.segments, info, series_instance_uid=series, sop_instance_uid=sop)
+    series, sop = result_uids(volume, model, "RTSTRUCT")
+    rtstruct = write_rt_structure_set(volume, labels, info.segments, info, series_instance_uid=series,
+                                      sop_instance_uid=sop)
+    series, sop = result_uids(volume, model, "SR")
+    sr = write_measurement_report(volume, findings, seg, info, series_instance_uid=series, sop_instance_uid=sop)
+    series, sop = result_uids(volume, model, "PDF")
+    pdf = write_pdf_report(volume, labels, findings, info, series_instance_uid=series, sop_instance_uid=sop,
+                           language=report.language, template_dir=report.template_directory)
+    return [seg, rtstruct, sr, pdf]
+
+
 def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: SegmentationModel,
-                     ctx: JobContext, *, min_slices: int = 3) -> list[str]:
+                     ctx: JobContext, *, min_slices: int = 3, report: ReportSettings = ReportSettings()) -> list[str]:
     """The whole job: returns the SOP Instance UIDs stored into the study."""
     t0 = time.perf_counter()
     datasets = load_series(client, orthanc_series_id, ctx)
@@ -79,15 +120,17 @@ def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: Segme
     except InputNotSupported as exc:
         raise JobSkipped(str(exc)) from exc
     ctx.timings["model"] = time.perf_counter() - t1
-    ctx.step(0.87, "writing DICOM SEG")
+    ctx.step(0.87, "writing SEG, RTSTRUCT, SR and PDF")
     t2 = time.perf_counter()
-    series_uid, sop_uid = result_uids(volume, model, "SEG")
-    seg = write_segmentation(volume, result.labels, model.info.segments, model.info,
-                             series_instance_uid=series_uid, sop_instance_uid=sop_uid)
-    ctx.step(0.95, "storing results in Orthanc")
-    client.store(seg)
+    objects = write_results(volume, result.labels, model, report)
     ctx.timings["write"] = time.perf_counter() - t2
-    return [str(seg.SOPInstanceUID)]
+    ctx.step(0.95, "storing results in Orthanc")
+    t3 = time.perf_counter()
+    for ds in objects:
+        client.store(ds)
+    ctx.timings["store"] = time.perf_counter() - t3
+    return [str(ds.SOPInstanceUID) for ds in objects]
 
 
-__all__ = ["JobCancelled", "JobContext", "JobSkipped", "VolumeError", "run_segmentation", "result_uids"]
+__all__ = ["JobCancelled", "JobContext", "JobSkipped", "ReportSettings", "VolumeError", "run_segmentation",
+           "result_uids", "write_results"]

@@ -14,7 +14,7 @@ class Finding:
     """One lesion: a connected component of segment ``segment_label``."""
 
     number: int                      # 1-based, ordered by decreasing volume
-    segment_label: int               # the SEG segment number it belongs to
+    segment_label: int               # label value in the label map (SEG segment number: extra["segment_number"])
     segment_name: str
     tracking_uid: str                # deterministic UID (study, model, series, segment, component)
     tracking_id: str                 # human-readable, e.g. "Lesion 1"

@@ -33,12 +33,16 @@ def first_run(orthanc, brain_series, brain_uids):
     return jobs
 
 
-def seg_instances(orthanc, study_uid: str) -> list[str]:
+def seg_instances(orthanc, study_uid: str, modality: str = "SEG") -> list[str]:
     out = []
     for series in orthanc.series_of_study(study_uid):
-        if series["MainDicomTags"].get("Modality") == "SEG":
+        if series["MainDicomTags"].get("Modality") == modality:
             out.extend(series["Instances"])
     return out
+
+
+def result_counts(orthanc, study_uid: str) -> dict[str, int]:
+    return {m: len(seg_instances(orthanc, study_uid, m)) for m in ("SEG", "RTSTRUCT", "SR", "DOC")}
 
 
 def test_cstore_creates_one_done_job(first_run, brain_uids, orthanc):
@@ -47,7 +51,7 @@ def test_cstore_creates_one_done_job(first_run, brain_uids, orthanc):
     assert job["state"] == "done", f"{job}\n{orthanc.log()[-3000:]}"
     assert job["model_id"] == "brain-lesion-candidates" and job["trigger"] == "auto"
     assert job["series_instance_uid"] == brain_uids[1]
-    assert job["progress"] == 1.0 and job["attempts"] == 1 and len(job["outputs"]) == 1
+    assert job["progress"] == 1.0 and job["attempts"] == 1 and len(job["outputs"]) == 4
     assert orthanc.get(f"/ai/jobs/{job['id']}")["state"] == "done"
 
 
@@ -61,7 +65,7 @@ def test_seg_is_aligned_valid_and_readable(first_run, brain_uids, brain_series, 
     path.write_bytes(data)
 
     seg = hd.seg.segread(io.BytesIO(data))
-    assert seg.SOPClassUID == SEG_CLASS and seg.SOPInstanceUID == first_run[0]["outputs"][0]
+    assert seg.SOPClassUID == SEG_CLASS and seg.SOPInstanceUID in first_run[0]["outputs"]
     assert seg.StudyInstanceUID == brain_uids[0]
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
     assert referenced == {brain_uids[1]}
@@ -84,7 +88,7 @@ def test_second_send_creates_no_duplicate(first_run, brain_series, brain_uids, o
     time.sleep(5)  # past StableAge (2 s): a duplicate job would have been created by now
     jobs = orthanc.wait_jobs(brain_uids[0], 1)
     assert [j["id"] for j in jobs] == [first_run[0]["id"]]
-    assert len(seg_instances(orthanc, brain_uids[0])) == 1
+    assert result_counts(orthanc, brain_uids[0]) == {"SEG": 1, "RTSTRUCT": 1, "SR": 1, "DOC": 1}
 
 
 def test_manual_force_rerun_replaces_the_result(first_run, brain_uids, orthanc):
@@ -98,7 +102,7 @@ def test_manual_force_rerun_replaces_the_result(first_run, brain_uids, orthanc):
     rerun = next(j for j in jobs if j["id"] == job["id"])
     assert rerun["state"] == "done"
     assert rerun["outputs"] == first_run[0]["outputs"]  # deterministic UIDs: replaced, not duplicated
-    assert len(seg_instances(orthanc, brain_uids[0])) == 1
+    assert result_counts(orthanc, brain_uids[0]) == {"SEG": 1, "RTSTRUCT": 1, "SR": 1, "DOC": 1}
 
 
 def test_routes_need_authentication(orthanc):
@@ -119,3 +123,35 @@ def test_health_models_and_errors(orthanc):
     assert r.status_code == 404 and "no study" in r.json()["error"]
     r = orthanc.session.post(orthanc.url + "/ai/studies/1.2.3.4/segment", data=b"{oops")
     assert r.status_code == 400 and "JSON" in r.json()["error"]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+
+
+def test_every_result_object_is_valid_and_references_the_source(first_run, brain_uids, orthanc, tmp_path):
+    from inference.results.rtstruct import read_rois
+    from inference.results.sr import read_measurement_report
+
+    series = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series_of_study(brain_uids[0])}
+    datasets = {}
+    for modality in ("SEG", "RTSTRUCT", "SR", "DOC"):
+        assert series[modality]["MainDicomTags"]["SeriesDescription"].startswith("AI ")
+        instance = series[modality]["Instances"][0]
+        path = tmp_path / f"{modality}.dcm"
+        path.write_bytes(orthanc.session.get(f"{orthanc.url}/instances/{instance}/file").content)
+        datasets[modality] = pydicom.dcmread(path)
+        assert datasets[modality].StudyInstanceUID == brain_uids[0]
+        assert datasets[modality].SOPInstanceUID in first_run[0]["outputs"]
+        if shutil.which("dciodvfy"):
+            assert not dciodvfy_errors(path), (modality, dciodvfy_errors(path))
+    rois = read_rois(datasets["RTSTRUCT"])
+    assert [r.name for r in rois.values()] == ["Lesion candidate"]
+    groups = read_measurement_report(datasets["SR"])
+    assert isinstance(groups, list)
+    for group in groups:  # every measured lesion points at a segment of our SEG
+        assert group["referenced_segment"][0] == datasets["SEG"].SOPInstanceUID
+    assert bytes(datasets["DOC"].EncapsulatedDocument).startswith(b"%PDF")
+    if shutil.which("dsrdump"):
+        assert subprocess.run(["dsrdump", str(tmp_path / "SR.dcm")], capture_output=True).returncode == 0
