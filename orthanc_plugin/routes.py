@@ -84,6 +84,11 @@ class Api:
             ("POST", re.compile(rf"jobs/({_ID})/fail"), self.fail),
         ]
 
+    def add_routes(self, routes: list[tuple[str, str, Callable[..., Response]]]) -> None:
+        """Let another module (follow-up, viewer, outbox…) serve routes under /ai/: (method, regex, handler);
+        a handler takes the Request and the regex groups and returns (status, JSON body)."""
+        self._routes.extend((method, re.compile(pattern), handler) for method, pattern, handler in routes)
+
     def handle(self, request: Request) -> Response:
         allowed = []
         for method, pattern, handler in self._routes:

@@ -161,3 +161,8 @@ def test_replay_changes_reroutes_idempotently(api):
     assert (count, last) == (1, 3)
     assert api.dispatcher._queue.get_nowait() == "st"
     assert len(api.dispatcher.on_stable_study("st")) == 1 and api.dispatcher.on_stable_study("st") == []
+
+
+def test_other_modules_can_add_routes(api):
+    api.add_routes([("GET", r"patients/([^/]+)/lesions", lambda req, pid: (200, {"patient_id": pid}))])
+    assert call(api, "GET", "patients/P1/lesions") == (200, {"patient_id": "P1"})
