@@ -176,6 +176,8 @@ def _setup() -> None:
             status, body = 500, {"error": f"internal error: {type(exc).__name__}"}
         _send(output, status, body)
 
+    # --- feature modules: each adds its routes/callbacks here (keep to a few lines each) ---
+
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)
     log.warning("AI extension %s ready: %d model(s), %d rule(s), %d local worker(s), job store %s",
