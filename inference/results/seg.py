@@ -7,6 +7,7 @@ source frames by index (OHIF) never shift the overlay, and every frame reference
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -167,3 +168,39 @@ def _coded(code: Code) -> hd.sr.CodedConcept:
 def _lo(text: str) -> str:
     """A value fit for a LO/SH-like string: one line, at most 64 characters."""
     return " ".join(str(text).split())[:64]
+
+
+@dataclass(frozen=True)
+class SegmentMask:
+    """One segment of a SEG read back: its description and a mask per referenced source frame."""
+
+    number: int
+    label: str
+    property_type: Code
+    frames: dict[tuple[str, int | None], np.ndarray]  # (SOP Instance UID, frame number or None) → float32 mask
+
+
+def read_segmentation(ds: pydicom.Dataset) -> list[SegmentMask]:
+    """Read any DICOM SEG (ours or another tool's; BINARY or FRACTIONAL, overlapping segments allowed) into
+    per-segment masks keyed by the source frame each SEG frame is derived from. Fractional values are
+    scaled to 0..1. Raises ValueError with a reason for a SEG we cannot place on its sources."""
+    seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+    fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    scale = float(getattr(ds, "MaximumFractionalValue", 255)) if fractional else 1.0
+    pixels = ds.pixel_array.reshape(int(ds.get("NumberOfFrames", 1)), ds.Rows, ds.Columns)
+    out: dict[int, SegmentMask] = {}
+    for item in seg.SegmentSequence:
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        out[int(item.SegmentNumber)] = SegmentMask(
+            number=int(item.SegmentNumber), label=str(item.SegmentLabel),
+            property_type=Code(prop.CodeValue, prop.CodingSchemeDesignator, prop.CodeMeaning), frames={})
+    for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        try:
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        except (AttributeError, IndexError):
+            raise ValueError(f"SEG frame {index + 1} does not say which source image it is derived from") from None
+        key = (str(source.ReferencedSOPInstanceUID),
+               int(source.ReferencedFrameNumber) if "ReferencedFrameNumber" in source else None)
+        out[number].frames[key] = pixels[index].astype(np.float32) / scale
+    return list(out.values())

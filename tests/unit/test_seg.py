@@ -229,3 +229,34 @@ def test_derived_uid_is_deterministic_and_valid() -> None:
     assert derived_uid("ab", "c") != derived_uid("a", "bc")
     assert re.fullmatch(r"2\.25\.(0|[1-9][0-9]*)", uid) and len(uid) <= 64
     assert pydicom.uid.UID(uid).is_valid
+
+
+@pytest.mark.parametrize("name,segments,fractional", [
+    ("highdicom_seg_image_ct_binary.dcm", 1, False),
+    ("highdicom_seg_image_ct_binary_overlap.dcm", 2, False),
+    ("highdicom_seg_image_ct_binary_fractional.dcm", 1, True),
+    ("highdicom_seg_image_ct_true_fractional.dcm", 1, True),
+])
+def test_read_segmentation_of_other_tools(shared_data, name, segments, fractional):
+    """SEGs written by highdicom's own test suite, on the CT2 series, read back by our reader."""
+    from inference.results.seg import read_segmentation
+    ds = pydicom.dcmread(shared_data / "seg" / name)
+    masks = read_segmentation(ds)
+    assert len(masks) == segments
+    ct_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+               for p in (shared_data / "ct" / "pydicom_CT2_series").glob("*.dcm")}
+    for mask in masks:
+        assert mask.frames and {uid for uid, _ in mask.frames} <= ct_uids
+        values = np.concatenate([m.ravel() for m in mask.frames.values()])
+        assert values.max() > 0 and values.min() >= 0 and values.max() <= 1
+        if not fractional:
+            assert set(np.unique(values)) <= {0.0, 1.0}
+
+
+def test_read_segmentation_round_trips_our_seg(hfs_volume, tmp_path):
+    from inference.results.seg import read_segmentation
+    labels = _cube_labels(hfs_volume)
+    masks = read_segmentation(_write(hfs_volume, labels, tmp_path / "seg.dcm"))
+    mask = masks[0]
+    for k, frame in enumerate(hfs_volume.frames):
+        assert np.array_equal(mask.frames[(frame.sop_instance_uid, None)] > 0.5, labels[k] == 1)
