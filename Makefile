@@ -43,6 +43,8 @@ test: deps venv
 
 bench: deps venv
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_ingest
+	$(VENV)/bin/python -m tests.bench.bench_results
+	$(VENV)/bin/python -m tests.bench.eval_brain_lesion
 
 clean:
 	rm -rf var .pytest_cache
