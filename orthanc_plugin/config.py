@@ -21,6 +21,21 @@ DEFAULT_RULES: list[dict] = [
 ]
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where results are forwarded: one of Orthanc's own DICOM modalities, Orthanc peers or DICOMweb servers."""
+
+    name: str
+    type: str    # dicom | peer | dicomweb
+    target: str  # the key in DicomModalities / OrthancPeers / DicomWeb.Servers
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "type": self.type, "target": self.target}
+
+
+DESTINATION_SOURCES = {"dicom": "DicomModalities", "peer": "OrthancPeers", "dicomweb": "DicomWeb.Servers"}
+
+
 class ConfigError(Exception):
     """A configuration value is missing or wrong; the message names the key."""
 
@@ -41,6 +56,10 @@ class AIConfig:
     report_language: str = "en"
     report_template_directory: Path | None = None
     approved_models: dict[str, str] = field(default_factory=dict)
+    destinations: dict[str, "Destination"] = field(default_factory=dict)
+    outbox_max_age_seconds: float = 86400.0
+    outbox_initial_backoff_seconds: float = 5.0
+    outbox_max_backoff_seconds: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,7 +73,7 @@ class AIConfig:
 
 _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
-          "AutoTrigger", "Report", "ApprovedModels"}
+          "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox"}
 REPORT_LANGUAGES = ("en", "fr")
 
 
@@ -97,8 +116,19 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
         if not d.is_dir():
             raise ConfigError(f'"AI.ModelsDirectory": {d} is not a directory')
 
+    destinations = _destinations(full, _typed(section, "Destinations", dict, {}))
+    outbox = _typed(section, "Outbox", dict, {})
+    unknown = sorted(set(outbox) - {"MaxAgeSeconds", "InitialBackoffSeconds", "MaxBackoffSeconds"})
+    if unknown:
+        raise ConfigError(f'unknown key(s) in "AI.Outbox": {", ".join(unknown)}')
+    outbox_values = {}
+    for key, default in (("MaxAgeSeconds", 86400), ("InitialBackoffSeconds", 5), ("MaxBackoffSeconds", 600)):
+        value = outbox.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f'"AI.Outbox.{key}" must be a positive number of seconds')
+        outbox_values[key] = float(value)
     try:
-        rules = parse_rules(_typed(section, "Rules", list, DEFAULT_RULES))
+        rules = parse_rules(_typed(section, "Rules", list, DEFAULT_RULES), destinations=destinations)
     except RuleError as exc:
         raise ConfigError(f'"AI.Rules": {exc}') from None
 
@@ -141,12 +171,36 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
             raise ConfigError(f'"AI.ApprovedModels.{model_id}" must be the model\'s sha256 (64 hex digits)')
 
     return AIConfig(
+        destinations=destinations, outbox_max_age_seconds=outbox_values["MaxAgeSeconds"],
+        outbox_initial_backoff_seconds=outbox_values["InitialBackoffSeconds"],
+        outbox_max_backoff_seconds=outbox_values["MaxBackoffSeconds"],
         report_language=language, report_template_directory=template_dir, approved_models=dict(approved),
         enabled=_typed(section, "Enabled", bool, True), data_directory=data_dir,
         models_directories=tuple(dirs), rules=tuple(rules), worker_count=worker_count,
         worker_python=python, worker_threads=threads, lease_seconds=lease, max_attempts=attempts,
         reaper_interval_seconds=reaper, auto_trigger=_typed(section, "AutoTrigger", bool, True),
     )
+
+
+def _destinations(full: dict, raw: dict) -> dict[str, Destination]:
+    """``"Destinations": {"main-pacs": {"Type": "dicom", "Target": "pacs"}}``; the target must be declared
+    in Orthanc's own configuration (DicomModalities, OrthancPeers or DicomWeb.Servers)."""
+    out = {}
+    for name, item in raw.items():
+        where = f'"AI.Destinations.{name}"'
+        if not isinstance(item, dict) or set(item) - {"Type", "Target"}:
+            raise ConfigError(f'{where} must be an object with "Type" and "Target"')
+        kind, target = item.get("Type"), item.get("Target", name)
+        if kind not in DESTINATION_SOURCES:
+            raise ConfigError(f'{where}.Type must be one of {", ".join(DESTINATION_SOURCES)}')
+        if kind == "dicomweb":
+            declared = (full.get("DicomWeb") or {}).get("Servers") or {}
+        else:
+            declared = full.get(DESTINATION_SOURCES[kind]) or {}
+        if target not in declared:
+            raise ConfigError(f'{where}.Target "{target}" is not declared in Orthanc\'s {DESTINATION_SOURCES[kind]}')
+        out[name] = Destination(name, kind, target)
+    return out
 
 
 def orthanc_url(full: dict) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from orthanc_plugin import jobs as J
-from orthanc_plugin.rules import Rule, is_own_output, route
+from orthanc_plugin.rules import MANUAL_PRIORITY, Rule, is_own_output, matching_rules
 
 log = logging.getLogger("orthanc_ai.events")
 
@@ -117,11 +117,13 @@ class Dispatcher:
         for s in self.orthanc.get_json(f"/studies/{orthanc_study_id}/series"):
             tags = dict(s.get("MainDicomTags", {}))
             instances = s.get("Instances", [])
+            tags["NumberOfInstances"] = str(len(instances))
             if instances:
-                try:
-                    tags["SOPClassUID"] = self.orthanc.get_text(f"/instances/{instances[0]}/metadata/SopClassUid")
-                except Exception:
-                    tags["SOPClassUID"] = ""
+                for key, metadata in (("SOPClassUID", "SopClassUid"), ("RemoteAET", "RemoteAET")):
+                    try:
+                        tags[key] = self.orthanc.get_text(f"/instances/{instances[0]}/metadata/{metadata}")
+                    except Exception:  # absent for instances uploaded over REST
+                        tags.setdefault(key, "")
             out.append(SeriesInfo(s["ID"], tags, len(instances)))
         return out
 
@@ -136,7 +138,7 @@ class Dispatcher:
         models = self.models()
         created = []
         for series in self.study_series(orthanc_study_id):
-            for model_id in route(self.rules, series.tags):
+            for model_id, priority, destinations in self.plan(series.tags):
                 manifest = models.get(model_id)
                 if manifest is None:
                     log.warning("rule names model '%s', which is not installed; series skipped", model_id)
@@ -146,8 +148,20 @@ class Dispatcher:
                                            input_fingerprint=series.fingerprint)
                 if existing:  # already processed (or in progress): STABLE_STUDY fires again after our results
                     continue
-                created.append(self._create(study_uid, orthanc_study_id, series, manifest, "auto", "system"))
+                created.append(self._create(study_uid, orthanc_study_id, series, manifest, "auto", "system",
+                                            priority=priority, destinations=destinations))
         return created
+
+    def plan(self, tags: Mapping[str, str]) -> list[tuple[str, int, tuple[str, ...]]]:
+        """(model id, job priority, destinations) for a series: the highest priority of the rules naming a
+        model wins, and their destinations are merged."""
+        plan: dict[str, tuple[int, list[str]]] = {}
+        for rule in matching_rules(self.rules, tags):
+            for model_id in rule.models:
+                priority, dests = plan.get(model_id, (rule.job_priority, []))
+                dests.extend(d for d in rule.destinations if d not in dests)
+                plan[model_id] = (max(priority, rule.job_priority), dests)
+        return [(m, p, tuple(d)) for m, (p, d) in plan.items()]
 
     def request_segmentation(self, study_instance_uid: str, *, model_id: str | None, force: bool,
                              user: str) -> list[dict]:
@@ -159,23 +173,21 @@ class Dispatcher:
         if model_id is not None and model_id not in models:
             raise RequestError(f"unknown model '{model_id}'; installed: {', '.join(sorted(models)) or 'none'}")
         series_list = self.study_series(orthanc_study_id)
-        pairs: list[tuple[SeriesInfo, object]] = []
+        pairs: list[tuple[SeriesInfo, object, tuple[str, ...]]] = []
         for series in series_list:
-            routed = route(self.rules, series.tags)
-            if model_id is None:
-                pairs += [(series, models[m]) for m in routed if m in models]
-            elif model_id in routed:
-                pairs.append((series, models[model_id]))
+            for routed, _, destinations in self.plan(series.tags):
+                if routed in models and model_id in (None, routed):
+                    pairs.append((series, models[routed], destinations))
         if model_id is not None and not pairs:  # no rule for it: any input series of the model's modality
             manifest = models[model_id]
-            pairs = [(s, manifest) for s in series_list
+            pairs = [(s, manifest, ()) for s in series_list
                      if not is_own_output(s.tags) and s.tags.get("Modality", "").upper() == manifest.modality.upper()]
         if not pairs:
             what = f"model '{model_id}'" if model_id else "any routing rule"
             raise RequestError(f"no series of study {study_instance_uid} matches {what}")
 
         created, conflicts = [], []
-        for series, manifest in pairs:
+        for series, manifest, destinations in pairs:
             existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
                                        model_id=manifest.id, model_version=manifest.version,
                                        states=J.ACTIVE | {J.DONE})
@@ -185,19 +197,20 @@ class Dispatcher:
             for job in existing:
                 if job["state"] in J.ACTIVE:
                     self.store.cancel(job["id"], actor=user, reason="superseded by a forced re-run")
-            created.append(self._create(study_instance_uid, orthanc_study_id, series, manifest, "manual", user))
+            created.append(self._create(study_instance_uid, orthanc_study_id, series, manifest, "manual", user,
+                                        priority=MANUAL_PRIORITY, destinations=destinations))
         if not created:
             raise RequestError("this study was already processed by this model; send {\"force\": true} to re-run",
                                status=409, payload={"jobs": [j["id"] for j in conflicts]})
         return created
 
     def _create(self, study_uid: str, orthanc_study_id: str, series: SeriesInfo, manifest: object,
-                trigger: str, actor: str) -> dict:
+                trigger: str, actor: str, *, priority: int = 0, destinations: tuple[str, ...] = ()) -> dict:
         job = self.store.create(J.NewJob(
             study_instance_uid=study_uid, orthanc_study_id=orthanc_study_id,
             series_instance_uid=series.tags.get("SeriesInstanceUID", ""), orthanc_series_id=series.orthanc_id,
             model_id=manifest.id, model_version=manifest.version, input_fingerprint=series.fingerprint,
-            trigger=trigger, priority=1 if trigger == "manual" else 0), actor=actor)
+            trigger=trigger, priority=priority, destinations=destinations), actor=actor)
         if getattr(manifest, "status", "available") != "available":
             return self.store.reject(job["id"], f"model '{manifest.id}' is unavailable: {manifest.reason}", actor=actor)
         return self.store.enqueue(job["id"], actor=actor)

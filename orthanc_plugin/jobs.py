@@ -84,12 +84,13 @@ class NewJob:
     input_fingerprint: str = ""
     trigger: str = "auto"  # auto (routing rule) | manual (REST)
     priority: int = 0
+    destinations: tuple[str, ...] = ()  # where results are forwarded (names of AI.Destinations)
 
 
 JOB_COLUMNS = {
     "id": str, "study_instance_uid": str, "orthanc_study_id": str, "series_instance_uid": str,
     "orthanc_series_id": str, "model_id": str, "model_version": str, "input_fingerprint": str,
-    "trigger": str, "priority": int, "state": str, "progress": float, "message": str,
+    "trigger": str, "priority": int, "destinations": str, "state": str, "progress": float, "message": str,
     "attempts": int, "max_attempts": int, "error": str, "outputs": str, "worker": str,
     "lease_token": str, "lease_expires": float, "created_at": str, "updated_at": str,
     "queued_at": float, "started_at": float, "finished_at": float,
@@ -122,6 +123,9 @@ class JobStore:
                 self.db["jobs"].create_index(["state", "priority", "queued_at"])
                 self.db["jobs"].create_index(["study_instance_uid"])
                 self.db["jobs"].create_index(["series_instance_uid", "model_id"])
+            missing = {k: v for k, v in JOB_COLUMNS.items() if k not in self.db["jobs"].columns_dict}
+            for column, kind in missing.items():  # a store written by an older version
+                self.db["jobs"].add_column(column, kind)
             if "settings" not in self.db.table_names():
                 self.db["settings"].create({"key": str, "value": str}, pk="key")
             if "audit" not in self.db.table_names():
@@ -230,7 +234,7 @@ class JobStore:
     def create(self, new: NewJob, *, actor: str = "system") -> dict:
         """Record a job in ``pending``; :meth:`enqueue` makes it claimable."""
         now = time.time()
-        row = {**new.__dict__, "id": uuid.uuid4().hex, "state": PENDING, "progress": 0.0, "attempts": 0,
+        row = {**new.__dict__, "destinations": json.dumps(list(new.destinations)), "id": uuid.uuid4().hex, "state": PENDING, "progress": 0.0, "attempts": 0,
                "max_attempts": self.max_attempts, "error": "", "message": "", "outputs": "[]",
                "worker": None, "lease_token": None, "lease_expires": None,
                "created_at": _now_iso(now), "updated_at": _now_iso(now),
@@ -362,6 +366,7 @@ class JobStore:
     def _decode(row: dict) -> dict:
         row = dict(row)
         row["outputs"] = json.loads(row.get("outputs") or "[]")
+        row["destinations"] = json.loads(row.get("destinations") or "[]")
         return row
 
     def close(self) -> None:

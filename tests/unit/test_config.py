@@ -53,3 +53,21 @@ def test_report_settings_parsed(tmp_path):
                                "ApprovedModels": {"spleen": "a" * 64}}}, base=tmp_path)
     assert cfg.report_language == "fr" and cfg.report_template_directory == tmp_path
     assert cfg.approved_models == {"spleen": "a" * 64}
+
+
+def test_destinations_must_exist_in_orthanc_config(tmp_path):
+    full = {"DicomModalities": {"pacs": ["PACS", "127.0.0.1", 104]}, "OrthancPeers": {"peer": ["http://x/"]},
+            "AI": {"WorkerCount": 0, "Destinations": {"main": {"Type": "dicom", "Target": "pacs"},
+                                                      "mirror": {"Type": "peer", "Target": "peer"}},
+                   "Rules": [{"Modality": "MR", "Model": "m", "Destinations": ["main"], "Priority": "urgent"}]}}
+    cfg = parse_config(full, base=tmp_path)
+    assert cfg.destinations["main"].type == "dicom" and cfg.rules[0].destinations == ("main",)
+    assert cfg.rules[0].job_priority > 0
+    bad = dict(full, AI={**full["AI"], "Destinations": {"main": {"Type": "dicom", "Target": "nowhere"}}})
+    with pytest.raises(ConfigError, match="nowhere"):
+        parse_config(bad, base=tmp_path)
+    unknown = dict(full, AI={**full["AI"], "Rules": [{"Model": "m", "Destinations": ["ghost"]}]})
+    with pytest.raises(ConfigError, match="ghost"):
+        parse_config(unknown, base=tmp_path)
+    with pytest.raises(ConfigError, match="AI.Outbox.MaxAgeSeconds"):
+        parse_config({"AI": {"WorkerCount": 0, "Outbox": {"MaxAgeSeconds": -1}}}, base=tmp_path)

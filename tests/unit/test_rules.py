@@ -50,3 +50,34 @@ def test_duplicates_removed_in_rule_order():
 def test_bad_rules_are_explained(raw, needle):
     with pytest.raises(RuleError, match=needle):
         parse_rules(raw)
+
+
+def test_condition_tree_and_extra_attributes():
+    rules = parse_rules([{"Model": "head", "Priority": "urgent", "Match": {"all": [
+        {"attribute": "BodyPartExamined", "equals": ["HEAD", "BRAIN"]},
+        {"not": {"attribute": "StationName", "equals": "OLDSCANNER"}},
+        {"any": [{"attribute": "NumberOfInstances", "greater_than": 20},
+                 {"attribute": "SeriesDescription", "matches": "^flair"}]}]}},
+        {"Model": "from-er", "RemoteAET": "ER_CT", "Priority": "off-peak"}])
+    head = series(BodyPartExamined="head", StationName="MR1", NumberOfInstances="35")
+    assert route(rules, head) == ["head"] and rules[0].job_priority > rules[1].job_priority
+    assert route(rules, dict(head, StationName="OLDSCANNER")) == []
+    assert route(rules, dict(head, NumberOfInstances="3")) == []
+    assert route(rules, dict(head, NumberOfInstances="3", SeriesDescription="FLAIR ax")) == ["head"]
+    assert route(rules, series(RemoteAET="ER_CT")) == ["from-er"]
+
+
+@pytest.mark.parametrize("match,needle", [
+    ({"attribute": "Modality"}, "exactly one"),
+    ({"attribute": "Modality", "resembles": "MR"}, "unknown operator"),
+    ({"all": []}, "non-empty"),
+    ({"attribute": "NumberOfInstances", "greater_than": "20"}, "number"),
+    ({"equals": "MR"}, "attribute"),
+])
+def test_bad_conditions_are_explained(match, needle):
+    with pytest.raises(RuleError, match=needle):
+        parse_rules([{"Model": "m", "Match": match}])
+
+
+def test_disabled_rule_never_matches():
+    assert route(parse_rules([{"Model": "m", "Enabled": False}]), series()) == []
