@@ -30,6 +30,7 @@ SHARED = Path(os.environ.get("AI_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 def make_instances(out: Path, n_series: int = 5, per_series: int = 100) -> Path:
     template = pydicom.dcmread(SHARED / "mr" / "MR_small.dcm")
+    out.mkdir(parents=True, exist_ok=True)
     study = generate_uid()
     for s in range(n_series):
         series = generate_uid()
