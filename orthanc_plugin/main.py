@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +31,7 @@ from inference.models.manifest import BUILTIN_MODELS_DIR, ManifestError, load_ma
 from orthanc_plugin.config import ConfigError, orthanc_url, parse_config, service_credentials  # noqa: E402
 from orthanc_plugin.events import Dispatcher  # noqa: E402
 from orthanc_plugin.jobs import JobStore  # noqa: E402
+from orthanc_plugin.outbox import Backoff, Outbox  # noqa: E402
 from orthanc_plugin.routes import Api, Request  # noqa: E402
 from orthanc_plugin.supervisor import Supervisor  # noqa: E402
 
@@ -65,6 +67,25 @@ class _RestReader:
         except Exception:
             return None
         return found or None
+
+
+def _forward(destination, resources: list[str]) -> None:
+    """Send Orthanc instances to a destination through Orthanc itself (raises on failure)."""
+    body = json.dumps({"Resources": resources, "Synchronous": True})
+    if destination.type == "dicom":
+        orthanc.RestApiPost(f"/modalities/{destination.target}/store", body)
+    elif destination.type == "peer":
+        orthanc.RestApiPost(f"/peers/{destination.target}/store", body)
+    else:
+        orthanc.RestApiPost(f"/dicom-web/servers/{destination.target}/stow", body)
+
+
+def _resolve_instances(sop_instance_uids: list[str]) -> list[str]:
+    ids = []
+    for uid in sop_instance_uids:
+        hits = json.loads(orthanc.RestApiPost("/tools/lookup", uid))
+        ids += [h["ID"] for h in hits if h.get("Type") == "Instance"]
+    return ids
 
 
 def _send(output, status: int, body: object) -> None:
@@ -126,6 +147,8 @@ def _setup() -> None:
     def on_transition(job: dict, old: str, new: str, actor: str) -> None:
         log.info("job %s (%s) %s → %s by %s%s", job["id"], job["model_id"], old, new, actor,
                  f": {job['error']}" if new in ("failed", "skipped") and job.get("error") else "")
+        if new == "done" and "outbox" in state:
+            state["outbox"].enqueue_job(job)
 
     store = JobStore(cfg.job_store_path, max_attempts=cfg.max_attempts, lease_seconds=cfg.lease_seconds,
                      on_transition=on_transition)
@@ -135,7 +158,34 @@ def _setup() -> None:
                             log_directory=cfg.log_directory, repo_root=_REPO, threads=cfg.worker_threads,
                             reaper_interval=cfg.reaper_interval_seconds,
                             models_directories=cfg.models_directories)
-    api = Api(store, dispatcher, version=__version__, health=supervisor.describe,
+    echo_cache: dict[str, tuple[float, dict]] = {}
+
+    def destinations_health() -> dict:
+        """C-ECHO each DICOM destination (cached 30 s); peers and DICOMweb servers are reported as declared."""
+        out = {}
+        for name, dest in cfg.destinations.items():
+            if dest.type != "dicom":
+                out[name] = {**dest.to_json(), "echo": None}
+                continue
+            cached = echo_cache.get(name)
+            if cached is None or time.time() - cached[0] > 30:
+                try:
+                    orthanc.RestApiPost(f"/modalities/{dest.target}/echo", json.dumps({"Timeout": 3}))
+                    result = {**dest.to_json(), "echo": "ok"}
+                except Exception as exc:
+                    result = {**dest.to_json(), "echo": f"failed: {exc}"}
+                echo_cache[name] = cached = (time.time(), result)
+            out[name] = cached[1]
+        return out
+
+    def health() -> dict:
+        info = supervisor.describe()
+        if "outbox" in state:
+            info["outbox"] = state["outbox"].counts()
+        info["destinations"] = destinations_health()
+        return info
+
+    api = Api(store, dispatcher, version=__version__, health=health,
               models=lambda: state["models"], reload_models=reload_models, lease_seconds=cfg.lease_seconds,
               worker_settings={"report_language": cfg.report_language,
                                "report_template_directory": str(cfg.report_template_directory or "") or None})
@@ -145,10 +195,12 @@ def _setup() -> None:
             if cfg.auto_trigger:
                 dispatcher.notify_stable_study(resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            outbox.start()
             dispatcher.start()
             supervisor.start()
             threading.Thread(target=replay, name="ai-replay", daemon=True).start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            outbox.stop()
             dispatcher.stop()
             supervisor.stop()
 
@@ -177,6 +229,11 @@ def _setup() -> None:
         _send(output, status, body)
 
     # --- feature modules: each adds its routes/callbacks here (keep to a few lines each) ---
+    from orthanc_plugin import viewer  # the OHIF viewer at /ohif/ (installed by `make viewer`)
+    viewer.register(orthanc, api, _REPO / "build" / "ohif")
+    outbox = state["outbox"] = Outbox(store, cfg.destinations, _forward, _resolve_instances, Backoff(
+        cfg.outbox_initial_backoff_seconds, cfg.outbox_max_backoff_seconds, cfg.outbox_max_age_seconds))
+    api.add_routes(outbox.routes())
 
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)
