@@ -32,7 +32,7 @@ from orthanc_plugin.config import ConfigError, orthanc_url, parse_config, servic
 from orthanc_plugin.events import Dispatcher  # noqa: E402
 from orthanc_plugin.jobs import JobStore  # noqa: E402
 from orthanc_plugin.outbox import Backoff, Outbox  # noqa: E402
-from orthanc_plugin.routes import Api, Request  # noqa: E402
+from orthanc_plugin.routes import Api, RawBody, Request  # noqa: E402
 from orthanc_plugin.supervisor import Supervisor  # noqa: E402
 
 log = logging.getLogger("orthanc_ai")
@@ -89,6 +89,9 @@ def _resolve_instances(sop_instance_uids: list[str]) -> list[str]:
 
 
 def _send(output, status: int, body: object) -> None:
+    if isinstance(body, RawBody) and status == 200:
+        output.AnswerBuffer(body.data, body.mime)
+        return
     if status == 200:
         output.AnswerBuffer(json.dumps(body), "application/json")
     elif body is None:

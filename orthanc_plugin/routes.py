@@ -51,6 +51,14 @@ class Request:
         return data
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A non-JSON answer (CSV, Prometheus text, PNG…): a handler returns (status, RawBody(data, mime))."""
+
+    data: bytes
+    mime: str
+
+
 Response = tuple[int, Any]
 
 
