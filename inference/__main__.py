@@ -137,6 +137,8 @@ class Worker:
                 log.exception("job %s failed", job_id)
                 outcome = {"path": "fail", "error": f"{type(exc).__name__}: {exc}", "retryable": False}
         path = outcome.pop("path")
+        if path == "complete":
+            outcome["timings"] = {k: round(v, 3) for k, v in ctx.timings.items()}
         log.info("job %s: %s %s (timings %s)", job_id, path, outcome.get("error", ""),
                  {k: round(v, 2) for k, v in ctx.timings.items()})
         self._report(job_id, path, {"lease": lease, "worker": self.worker_id, **outcome})

@@ -93,7 +93,7 @@ JOB_COLUMNS = {
     "trigger": str, "priority": int, "destinations": str, "state": str, "progress": float, "message": str,
     "attempts": int, "max_attempts": int, "error": str, "outputs": str, "worker": str,
     "lease_token": str, "lease_expires": float, "created_at": str, "updated_at": str,
-    "queued_at": float, "started_at": float, "finished_at": float,
+    "queued_at": float, "started_at": float, "finished_at": float, "timings": str,
 }
 
 
@@ -296,10 +296,11 @@ class JobStore:
             self.db["jobs"].update(job_id, changes)
             return self.get(job_id)
 
-    def complete(self, job_id: str, lease_token: str, outputs: list[str], *, actor: str = "worker") -> dict:
+    def complete(self, job_id: str, lease_token: str, outputs: list[str], *, actor: str = "worker",
+                 timings: dict[str, float] | None = None) -> dict:
         return self._transition(job_id, DONE, actor=actor, require_lease=lease_token,
                                 outputs=json.dumps(list(outputs)), progress=1.0, finished_at=time.time(),
-                                error="")
+                                error="", timings=json.dumps(timings or {}))
 
     def fail(self, job_id: str, lease_token: str, error: str, *, retryable: bool = False,
              actor: str = "worker") -> dict:
@@ -367,6 +368,7 @@ class JobStore:
         row = dict(row)
         row["outputs"] = json.loads(row.get("outputs") or "[]")
         row["destinations"] = json.loads(row.get("destinations") or "[]")
+        row["timings"] = json.loads(row.get("timings") or "{}")
         return row
 
     def close(self) -> None:

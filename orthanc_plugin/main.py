@@ -31,6 +31,7 @@ from inference.models.manifest import BUILTIN_MODELS_DIR, ManifestError, load_ma
 from orthanc_plugin.config import ConfigError, orthanc_url, parse_config, service_credentials  # noqa: E402
 from orthanc_plugin.events import Dispatcher  # noqa: E402
 from orthanc_plugin.jobs import JobStore  # noqa: E402
+from orthanc_plugin import metrics  # noqa: E402
 from orthanc_plugin.outbox import Backoff, Outbox  # noqa: E402
 from orthanc_plugin.routes import Api, RawBody, Request  # noqa: E402
 from orthanc_plugin.supervisor import Supervisor  # noqa: E402
@@ -237,6 +238,7 @@ def _setup() -> None:
     outbox = state["outbox"] = Outbox(store, cfg.destinations, _forward, _resolve_instances, Backoff(
         cfg.outbox_initial_backoff_seconds, cfg.outbox_max_backoff_seconds, cfg.outbox_max_age_seconds))
     api.add_routes(outbox.routes())
+    api.add_routes(metrics.routes(store, health))
 
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)

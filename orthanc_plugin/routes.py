@@ -203,7 +203,11 @@ class Api:
         outputs = body.get("outputs", [])
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
             raise RequestError('"outputs" must be a list of SOP Instance UIDs')
-        return 200, self.view(self.store.complete(job_id, self._lease(body), outputs, actor=body.get("worker", "worker")))
+        timings = body.get("timings") or {}
+        if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) for v in timings.values()):
+            raise RequestError('"timings" must map stage names to seconds')
+        return 200, self.view(self.store.complete(job_id, self._lease(body), outputs,
+                                                  actor=body.get("worker", "worker"), timings=timings))
 
     def fail(self, request: Request, job_id: str) -> Response:
         body = request.json()

@@ -155,3 +155,11 @@ def test_every_result_object_is_valid_and_references_the_source(first_run, brain
     assert bytes(datasets["DOC"].EncapsulatedDocument).startswith(b"%PDF")
     if shutil.which("dsrdump"):
         assert subprocess.run(["dsrdump", str(tmp_path / "SR.dcm")], capture_output=True).returncode == 0
+
+
+def test_prometheus_metrics(first_run, orthanc):
+    r = orthanc.session.get(orthanc.url + "/ai/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    assert 'orthanc_ai_jobs{state="done",model="brain-lesion-candidates"}' in r.text
+    assert 'orthanc_ai_job_stage_seconds_count{model="brain-lesion-candidates",stage="model"}' in r.text
+    assert "orthanc_ai_worker_up" in r.text
