@@ -60,6 +60,9 @@ class AIConfig:
     outbox_max_age_seconds: float = 86400.0
     outbox_initial_backoff_seconds: float = 5.0
     outbox_max_backoff_seconds: float = 600.0
+    min_free_disk_percent: float = 5.0
+    max_queue_length: int = 1000
+    off_peak_hours: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +76,8 @@ class AIConfig:
 
 _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
-          "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox"}
+          "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox",
+          "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours"}
 REPORT_LANGUAGES = ("en", "fr")
 
 
@@ -170,7 +174,22 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
         if not (isinstance(checksum, str) and re.fullmatch(r"[0-9a-f]{64}", checksum)):
             raise ConfigError(f'"AI.ApprovedModels.{model_id}" must be the model\'s sha256 (64 hex digits)')
 
+    min_free = float(_typed(section, "MinFreeDiskPercent", (int, float), 5))
+    if not 0 <= min_free < 100:
+        raise ConfigError('"AI.MinFreeDiskPercent" must be between 0 and 100')
+    max_queue = _typed(section, "MaxQueueLength", int, 1000)
+    if max_queue < 1:
+        raise ConfigError('"AI.MaxQueueLength" must be at least 1')
+    off_peak = _typed(section, "OffPeakHours", str, None)
+    if off_peak is not None:
+        from orthanc_plugin.backpressure import parse_hours
+        try:
+            parse_hours(off_peak)
+        except ValueError as exc:
+            raise ConfigError(f'"AI.OffPeakHours": {exc}') from None
+
     return AIConfig(
+        min_free_disk_percent=min_free, max_queue_length=max_queue, off_peak_hours=off_peak,
         destinations=destinations, outbox_max_age_seconds=outbox_values["MaxAgeSeconds"],
         outbox_initial_backoff_seconds=outbox_values["InitialBackoffSeconds"],
         outbox_max_backoff_seconds=outbox_values["MaxBackoffSeconds"],

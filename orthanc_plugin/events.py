@@ -152,6 +152,32 @@ class Dispatcher:
                                             priority=priority, destinations=destinations))
         return created
 
+    def dry_run(self, rules: tuple[Rule, ...] | None = None, *, limit: int = 100, offset: int = 0) -> dict:
+        """Which studies already in Orthanc the rules would send to which model (nothing is queued)."""
+        saved = self.rules
+        if rules is not None:
+            self.rules = rules
+        try:
+            studies = self.orthanc.get_json(f"/studies?limit={limit}&since={offset}")
+            out = []
+            for orthanc_id in studies:
+                study = self.orthanc.get_json(f"/studies/{orthanc_id}")
+                series_out = []
+                for series in self.study_series(orthanc_id):
+                    for model_id, priority, destinations in self.plan(series.tags):
+                        series_out.append({"series_instance_uid": series.tags.get("SeriesInstanceUID"),
+                                           "modality": series.tags.get("Modality"),
+                                           "series_description": series.tags.get("SeriesDescription", ""),
+                                           "model": model_id, "priority": priority,
+                                           "destinations": list(destinations),
+                                           "model_installed": model_id in self.models()})
+                out.append({"study_instance_uid": study["MainDicomTags"].get("StudyInstanceUID"),
+                            "orthanc_id": orthanc_id, "matches": series_out})
+        finally:
+            self.rules = saved
+        return {"studies": out, "matched_studies": sum(1 for s in out if s["matches"]),
+                "limit": limit, "offset": offset}
+
     def plan(self, tags: Mapping[str, str]) -> list[tuple[str, int, tuple[str, ...]]]:
         """(model id, job priority, destinations) for a series: the highest priority of the rules naming a
         model wins, and their destinations are merged."""

@@ -258,15 +258,19 @@ class JobStore:
     def cancel(self, job_id: str, *, actor: str = "user", reason: str = "cancelled by a user") -> dict:
         return self._transition(job_id, CANCELLED, actor=actor, error=reason, finished_at=time.time())
 
-    def claim(self, worker: str, *, models: Iterable[str] | None = None) -> dict | None:
-        """Give the next queued job to ``worker`` with a fresh lease, or None when the queue is empty."""
+    def claim(self, worker: str, *, models: Iterable[str] | None = None,
+              min_priority: int | None = None) -> dict | None:
+        """Give the next queued job to ``worker`` with a fresh lease, or None when the queue is empty
+        (or holds only jobs below ``min_priority``, which wait: back-pressure, off-peak hours)."""
         where, params = "state = 'queued'", []
+        if min_priority is not None:
+            where += f" and priority >= {int(min_priority)}"
         if models is not None:
             models = list(models)
             if not models:
                 return None
             where += f" and model_id in ({','.join('?' * len(models))})"
-            params = models
+            params = list(models)
         with self._lock:
             rows = list(self.db["jobs"].rows_where(where, params, order_by="priority desc, queued_at, rowid",
                                                    limit=1))

@@ -32,6 +32,7 @@ from orthanc_plugin.config import ConfigError, orthanc_url, parse_config, servic
 from orthanc_plugin.events import Dispatcher  # noqa: E402
 from orthanc_plugin.jobs import JobStore  # noqa: E402
 from orthanc_plugin import metrics  # noqa: E402
+from orthanc_plugin.backpressure import ClaimPolicy, parse_hours  # noqa: E402
 from orthanc_plugin.outbox import Backoff, Outbox  # noqa: E402
 from orthanc_plugin.routes import Api, RawBody, Request  # noqa: E402
 from orthanc_plugin.supervisor import Supervisor  # noqa: E402
@@ -182,8 +183,16 @@ def _setup() -> None:
             out[name] = cached[1]
         return out
 
+    policy = ClaimPolicy(Path(full.get("StorageDirectory", "OrthancStorage")).resolve(),
+                         cfg.min_free_disk_percent, cfg.max_queue_length,
+                         parse_hours(cfg.off_peak_hours) if cfg.off_peak_hours else None)
+
+    def claim_policy() -> dict:
+        return policy.state(store.counts()["queued"])
+
     def health() -> dict:
         info = supervisor.describe()
+        info["backpressure"] = claim_policy()
         if "outbox" in state:
             info["outbox"] = state["outbox"].counts()
         info["destinations"] = destinations_health()
@@ -191,6 +200,7 @@ def _setup() -> None:
 
     api = Api(store, dispatcher, version=__version__, health=health,
               models=lambda: state["models"], reload_models=reload_models, lease_seconds=cfg.lease_seconds,
+              claim_policy=claim_policy, destinations=list(cfg.destinations),
               worker_settings={"report_language": cfg.report_language,
                                "report_template_directory": str(cfg.report_template_directory or "") or None})
 

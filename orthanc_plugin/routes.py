@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from orthanc_plugin import jobs as J
 from orthanc_plugin.events import Dispatcher, RequestError
+from orthanc_plugin.rules import RuleError, parse_rules
 
 _UID = r"[0-9.]{1,64}"
 _ID = r"[0-9a-f]{32}"
@@ -67,7 +68,8 @@ class Api:
 
     def __init__(self, store: J.JobStore, dispatcher: Dispatcher, *, version: str,
                  health: Callable[[], dict], models: Callable[[], dict], reload_models: Callable[[], dict],
-                 lease_seconds: float, worker_settings: dict | None = None) -> None:
+                 lease_seconds: float, worker_settings: dict | None = None,
+                 claim_policy: Callable[[], dict] | None = None, destinations: list[str] | None = None) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.version = version
@@ -76,6 +78,8 @@ class Api:
         self.reload_models = reload_models
         self.lease_seconds = lease_seconds
         self.worker_settings = worker_settings or {}
+        self.claim_policy = claim_policy or (lambda: {"min_priority": None})
+        self.destinations = destinations or []
         self._routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("GET", re.compile(r"health"), self.health),
             ("GET", re.compile(r"models"), self.list_models),
@@ -86,6 +90,8 @@ class Api:
             ("POST", re.compile(rf"jobs/({_ID})/cancel"), self.cancel_job),
             ("POST", re.compile(rf"studies/({_UID})/segment"), self.segment_study),
             ("GET", re.compile(rf"studies/({_UID})/jobs"), self.study_jobs),
+            ("POST", re.compile(r"rules/dry-run"), self.dry_run),
+            ("GET", re.compile(r"rules"), self.list_rules),
             ("POST", re.compile(r"worker/claim"), self.claim),
             ("POST", re.compile(rf"jobs/({_ID})/heartbeat"), self.heartbeat),
             ("POST", re.compile(rf"jobs/({_ID})/complete"), self.complete),
@@ -167,6 +173,28 @@ class Api:
     def study_jobs(self, request: Request, study_uid: str) -> Response:
         return 200, {"jobs": [self.view(j) for j in self.store.list(study_instance_uid=study_uid, limit=1000)]}
 
+    def list_rules(self, request: Request) -> Response:
+        return 200, {"rules": [{"name": r.name, "models": list(r.models), "priority": r.priority,
+                                "destinations": list(r.destinations), "enabled": r.enabled}
+                               for r in self.dispatcher.rules]}
+
+    def dry_run(self, request: Request) -> Response:
+        """Test rules (the body's, or the configured ones) against the studies already in Orthanc."""
+        body = request.json()
+        rules = None
+        if "rules" in body:
+            try:
+                rules = tuple(parse_rules(body["rules"], destinations=self.destinations))
+            except RuleError as exc:
+                raise RequestError(f"invalid rules: {exc}") from None
+        try:
+            limit, offset = int(body.get("limit", 100)), int(body.get("offset", 0))
+        except (TypeError, ValueError):
+            raise RequestError("limit and offset must be integers") from None
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise RequestError("limit must be 1..1000 and offset ≥ 0")
+        return 200, self.dispatcher.dry_run(rules, limit=limit, offset=offset)
+
     # -- worker routes -------------------------------------------------------------------------
     def claim(self, request: Request) -> Response:
         body = request.json()
@@ -177,7 +205,8 @@ class Api:
         wanted = body.get("models")
         if wanted is not None and not (isinstance(wanted, list) and all(isinstance(m, str) for m in wanted)):
             raise RequestError('"models" must be a list of model ids')
-        job = self.store.claim(worker, models=[m for m in (wanted or models) if m in models])
+        job = self.store.claim(worker, models=[m for m in (wanted or models) if m in models],
+                               min_priority=self.claim_policy()["min_priority"])
         if job is None:
             return 204, None
         manifest = models[job["model_id"]]

@@ -166,3 +166,19 @@ def test_replay_changes_reroutes_idempotently(api):
 def test_other_modules_can_add_routes(api):
     api.add_routes([("GET", r"patients/([^/]+)/lesions", lambda req, pid: (200, {"patient_id": pid}))])
     assert call(api, "GET", "patients/P1/lesions") == (200, {"patient_id": "P1"})
+
+
+def test_rules_dry_run_with_candidate_rules(api):
+    reader = api.dispatcher.orthanc
+    original = reader.get_json
+    reader.get_json = lambda uri: ["st"] if uri.startswith("/studies?") else original(uri)
+    status, body = call(api, "POST", "rules/dry-run", {"rules": [{"Modality": "MR", "Model": "brain",
+                                                                  "Priority": "urgent"}]})
+    assert status == 200 and body["matched_studies"] == 1
+    (match,) = body["studies"][0]["matches"]
+    assert match["model"] == "brain" and match["priority"] == 10 and match["series_description"] == "t1"
+    assert api.store.counts()["queued"] == 0  # a dry run queues nothing
+    status, body = call(api, "POST", "rules/dry-run", {"rules": [{"Modality": "CT", "Model": "brain"}]})
+    assert body["matched_studies"] == 0
+    assert call(api, "POST", "rules/dry-run", {"rules": [{"Modality": "CT"}]})[0] == 400
+    assert call(api, "GET", "rules")[1]["rules"][0]["models"] == ["brain"]
