@@ -63,6 +63,7 @@ class AIConfig:
     min_free_disk_percent: float = 5.0
     max_queue_length: int = 1000
     off_peak_hours: str | None = None
+    worker_restart_max_backoff_seconds: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,7 +78,7 @@ class AIConfig:
 _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
           "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox",
-          "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours"}
+          "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours", "WorkerRestartMaxBackoffSeconds"}
 REPORT_LANGUAGES = ("en", "fr")
 
 
@@ -188,7 +189,12 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
         except ValueError as exc:
             raise ConfigError(f'"AI.OffPeakHours": {exc}') from None
 
+    restart_backoff = float(_typed(section, "WorkerRestartMaxBackoffSeconds", (int, float), 30))
+    if restart_backoff < 1:
+        raise ConfigError('"AI.WorkerRestartMaxBackoffSeconds" must be at least 1')
+
     return AIConfig(
+        worker_restart_max_backoff_seconds=restart_backoff,
         min_free_disk_percent=min_free, max_queue_length=max_queue, off_peak_hours=off_peak,
         destinations=destinations, outbox_max_age_seconds=outbox_values["MaxAgeSeconds"],
         outbox_initial_backoff_seconds=outbox_values["InitialBackoffSeconds"],

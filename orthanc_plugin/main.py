@@ -162,7 +162,8 @@ def _setup() -> None:
                             credentials=service_credentials(full), count=cfg.worker_count,
                             log_directory=cfg.log_directory, repo_root=_REPO, threads=cfg.worker_threads,
                             reaper_interval=cfg.reaper_interval_seconds,
-                            models_directories=cfg.models_directories)
+                            models_directories=cfg.models_directories,
+                            max_backoff=cfg.worker_restart_max_backoff_seconds)
     echo_cache: dict[str, tuple[float, dict]] = {}
 
     def destinations_health() -> dict:

@@ -26,6 +26,7 @@ class WorkerProcess:
     process: subprocess.Popen | None = None
     state: str = "starting"  # starting | running | restarting | stopped
     restarts: int = 0
+    consecutive_crashes: int = 0
     started_at: float = 0.0
     last_exit_code: int | None = None
     next_start: float = 0.0
@@ -48,6 +49,7 @@ class Supervisor:
     repo_root: Path
     threads: int = 2
     models_directories: tuple[Path, ...] = ()
+    max_backoff: float = 30.0
     reaper_interval: float = 2.0
     workers: list[WorkerProcess] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -113,7 +115,10 @@ class Supervisor:
         if self._stopping.is_set():
             return
         alive = now - w.started_at
-        backoff = 1.0 if alive > 60 else min(30.0, 2.0 ** min(w.restarts, 5))
+        if alive > 60:  # it had been healthy: a one-off crash, not a crash loop
+            w.consecutive_crashes = 0
+        w.consecutive_crashes += 1
+        backoff = min(self.max_backoff, 2.0 ** (w.consecutive_crashes - 1))
         w.restarts += 1
         w.state, w.next_start = "restarting", now + backoff
         log.error("inference worker %s exited with code %s after %.0f s; restarting in %.0f s (see %s)",
