@@ -64,6 +64,7 @@ class AIConfig:
     max_queue_length: int = 1000
     off_peak_hours: str | None = None
     worker_restart_max_backoff_seconds: float = 30.0
+    priors: "PriorsSettings | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,7 +79,8 @@ class AIConfig:
 _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "Rules", "WorkerCount",
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
           "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox",
-          "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours", "WorkerRestartMaxBackoffSeconds"}
+          "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours", "WorkerRestartMaxBackoffSeconds",
+          "Priors"}
 REPORT_LANGUAGES = ("en", "fr")
 
 
@@ -193,7 +195,27 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
     if restart_backoff < 1:
         raise ConfigError('"AI.WorkerRestartMaxBackoffSeconds" must be at least 1')
 
+    priors_raw = _typed(section, "Priors", dict, {})
+    unknown = sorted(set(priors_raw) - {"Source", "Auto", "MaxStudies", "CooldownHours"})
+    if unknown:
+        raise ConfigError(f'unknown key(s) in "AI.Priors": {", ".join(unknown)}')
+    source = priors_raw.get("Source")
+    if source is not None and source not in (full.get("DicomModalities") or {}):
+        raise ConfigError(f'"AI.Priors.Source" "{source}" is not declared in Orthanc\'s DicomModalities')
+    auto = priors_raw.get("Auto", False)
+    max_studies = priors_raw.get("MaxStudies", 10)
+    cooldown = priors_raw.get("CooldownHours", 24)
+    if not isinstance(auto, bool):
+        raise ConfigError('"AI.Priors.Auto" must be true or false')
+    if isinstance(max_studies, bool) or not isinstance(max_studies, int) or max_studies < 1:
+        raise ConfigError('"AI.Priors.MaxStudies" must be a positive integer')
+    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
+        raise ConfigError('"AI.Priors.CooldownHours" must be a number ≥ 0')
+    from orthanc_plugin.priors import PriorsSettings
+    priors = PriorsSettings(source, auto, max_studies, float(cooldown))
+
     return AIConfig(
+        priors=priors,
         worker_restart_max_backoff_seconds=restart_backoff,
         min_free_disk_percent=min_free, max_queue_length=max_queue, off_peak_hours=off_peak,
         destinations=destinations, outbox_max_age_seconds=outbox_values["MaxAgeSeconds"],

@@ -60,6 +60,7 @@ class Dispatcher:
         self.models = models  # id -> manifest (with .id, .version, .modality)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.study_hooks: list[Callable[[dict], None]] = []  # called with each stable study's JSON
 
     # -- callback side: enqueue only ---------------------------------------------------------
     def notify_stable_study(self, orthanc_study_id: str) -> None:
@@ -134,6 +135,11 @@ class Dispatcher:
         except Exception:
             log.info("study %s is gone; nothing to route", orthanc_study_id)
             return []
+        for hook in self.study_hooks:
+            try:
+                hook(study)
+            except Exception:
+                log.exception("study hook failed")
         study_uid = study["MainDicomTags"]["StudyInstanceUID"]
         models = self.models()
         created = []

@@ -34,6 +34,7 @@ from orthanc_plugin.jobs import JobStore  # noqa: E402
 from orthanc_plugin import metrics  # noqa: E402
 from orthanc_plugin.backpressure import ClaimPolicy, parse_hours  # noqa: E402
 from orthanc_plugin.outbox import Backoff, Outbox  # noqa: E402
+from orthanc_plugin.priors import PriorFetcher  # noqa: E402
 from orthanc_plugin.routes import Api, RawBody, Request  # noqa: E402
 from orthanc_plugin.supervisor import Supervisor  # noqa: E402
 
@@ -250,6 +251,14 @@ def _setup() -> None:
         cfg.outbox_initial_backoff_seconds, cfg.outbox_max_backoff_seconds, cfg.outbox_max_age_seconds))
     api.add_routes(outbox.routes())
     api.add_routes(metrics.routes(store, health))
+    priors = PriorFetcher(cfg.priors, orthanc.RestApiPost, orthanc.RestApiGet, _RestReader().lookup_study,
+                          full.get("DicomAet", "ORTHANC"), store.set_setting, store.setting)
+    dispatcher.study_hooks.append(lambda study: priors.on_new_study(study.get("PatientMainDicomTags", {}).get("PatientID", "")))
+    api.add_routes(priors.routes())
+
+    from orthanc_plugin import followup  # lesions across a patient's studies, from every TID 1500 SR
+    on_change = followup.register(orthanc, api, cfg.data_directory / "ai-followup.sqlite", dispatcher=dispatcher,
+                                  jobs=store, auto_priors=cfg.auto_trigger).chain(on_change)
 
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)

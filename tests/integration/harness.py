@@ -130,3 +130,41 @@ class OrthancServer:
         if expect_ok:
             assert result.returncode == 0, f"storescu failed: {result.stdout}\n{result.stderr}"
         return result
+
+
+class PlainOrthanc:
+    """A second, plugin-less Orthanc playing the hospital PACS (C-FIND/C-MOVE/C-STORE SCP)."""
+
+    def __init__(self, root: Path, aet: str = "PACS", modalities: dict | None = None) -> None:
+        import json
+        self.root, self.aet = root, aet
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "pacs.json").write_text(json.dumps({
+            "Name": aet, "DicomAet": aet, "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True, "DicomModalities": modalities or {}}))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "PlainOrthanc":
+        self.process = subprocess.Popen(["Orthanc", str(self.root / "pacs.json")], env={**os.environ, "TCP_NODELAY": "1"},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up():
+            try:
+                return requests.get(self.url + "/system", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(up, 30, f"the {self.aet} Orthanc")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def storescu(self, folder: Path) -> None:
+        subprocess.run(["storescu", "-aec", self.aet, "+sd", "+r", "127.0.0.1", str(self.dicom_port), str(folder)],
+                       env={**os.environ, "TCP_NODELAY": "1"}, check=True, capture_output=True, timeout=120)
