@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 REQS := requirements.txt requirements-dev.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools poppler-utils fonts-dejavu-core
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools poppler-utils fonts-dejavu-core chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps venv unit integration bench clean help
+.PHONY: run test deps venv viewer unit integration e2e bench clean help
 
 help:
 	@echo "make run    start Orthanc + AI plugin + worker (data in \$$ORTHANC_AI_DATA, default ./var)"
@@ -29,7 +29,13 @@ $(VENV_STAMP): $(REQS)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 
-run: deps venv
+# The OHIF viewer served at /ohif/: the pinned @ohif/app tarball (npm pack, once, into build/cache),
+# unpacked without source maps and patched for the /ohif/ prefix, with our extension beside it.
+# A second run only re-syncs our extension files (well under a second).
+viewer:
+	@$(PYTHON) viewer_extension/install.py
+
+run: deps venv viewer
 	TCP_NODELAY=1 $(VENV)/bin/python -m orthanc_plugin.launcher
 
 unit: venv
@@ -38,13 +44,17 @@ unit: venv
 integration: deps venv
 	TCP_NODELAY=1 $(VENV)/bin/python -m pytest tests/integration -q
 
-test: deps venv
+e2e: deps venv viewer
+	TCP_NODELAY=1 $(VENV)/bin/python -m pytest tests/e2e -q
+
+test: deps venv viewer
 	TCP_NODELAY=1 $(VENV)/bin/python -m pytest -q
 
 bench: deps venv
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_ingest
 	$(VENV)/bin/python -m tests.bench.bench_results
 	$(VENV)/bin/python -m tests.bench.eval_brain_lesion
+	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_load 20 4
 
 clean:
 	rm -rf var .pytest_cache
