@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.integration.harness import OrthancServer, free_port, wait_for
+from tests.integration.harness import OrthancServer, PlainOrthanc, free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,25 @@ def pacs_port():
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, pacs_port):
+def mirror(tmp_path_factory):
+    """A second Orthanc reached over HTTP (Orthanc peer), not started until the test says so."""
+    server = PlainOrthanc(tmp_path_factory.mktemp("mirror"), aet="MIRROR")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, pacs_port, mirror):
     dead_port = free_port()
     server = OrthancServer(tmp_path_factory.mktemp("orthanc-fwd"), overrides={
         "DicomModalities": {"pacs": ["PACS", "127.0.0.1", pacs_port], "void": ["VOID", "127.0.0.1", dead_port]},
+        "OrthancPeers": {"mirror": [mirror.url + "/"]},
         "AI": {"Destinations": {"main-pacs": {"Type": "dicom", "Target": "pacs"},
-                                "nowhere": {"Type": "dicom", "Target": "void"}},
+                                "nowhere": {"Type": "dicom", "Target": "void"},
+                                "mirror": {"Type": "peer", "Target": "mirror"}},
                "Outbox": {"InitialBackoffSeconds": 1, "MaxBackoffSeconds": 2, "MaxAgeSeconds": 12},
                "Rules": [{"Name": "brain", "Modality": "MR", "Model": "brain-lesion-candidates",
-                          "Destinations": ["main-pacs", "nowhere"]}]}}).start()
+                          "Destinations": ["main-pacs", "nowhere", "mirror"]}]}}).start()
     yield server
     server.stop()
 
@@ -41,12 +51,12 @@ def start_storescp(port: int, folder: Path) -> subprocess.Popen:
     return proc
 
 
-def test_results_reach_a_pacs_that_was_down(orthanc, shared_data, pacs_port, tmp_path):
+def test_results_reach_a_pacs_that_was_down(orthanc, shared_data, pacs_port, mirror, tmp_path):
     brain = shared_data / "mr_brain" / "siemens_t1_fl2d_sag_HFS"
     study = pydicom.dcmread(next(brain.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     orthanc.storescu(brain)
     job = orthanc.wait_jobs(study, timeout=180)[0]
-    assert job["state"] == "done" and job["destinations"] == ["main-pacs", "nowhere"]
+    assert job["state"] == "done" and job["destinations"] == ["main-pacs", "nowhere", "mirror"]
 
     def items(dest):
         return [i for i in orthanc.get("/ai/outbox")["items"] if i["destination"] == dest and i["job_id"] == job["id"]]
@@ -64,6 +74,12 @@ def test_results_reach_a_pacs_that_was_down(orthanc, shared_data, pacs_port, tmp
     finally:
         scp.terminate()
         scp.wait()
+
+    mirror.start()  # the second Orthanc comes up: the HTTP peer destination catches up too
+    wait_for(lambda: items("mirror")[0]["state"] == "delivered", 30, "delivery to the Orthanc peer")
+    import requests
+    stored = requests.get(mirror.url + "/instances?expand", timeout=10).json()
+    assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored) == sorted(job["outputs"])
 
     dead = wait_for(lambda: [i for i in items("nowhere") if i["state"] == "dead"], 40, "the dead letter")
     assert dead[0]["attempts"] >= 2
