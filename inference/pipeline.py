@@ -132,5 +132,47 @@ def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: Segme
     return [str(ds.SOPInstanceUID) for ds in objects]
 
 
-__all__ = ["JobCancelled", "JobContext", "JobSkipped", "ReportSettings", "VolumeError", "run_segmentation",
-           "result_uids", "write_results"]
+def request_comparison(client: OrthancClient, volume: Volume, findings: list) -> dict | None:
+    """The follow-up's comparison of this study with the patient's previous one, before our SR exists.
+
+    ``POST /ai/studies/{uid}/comparison`` with the findings (volume, diameters, centre in patient mm) and where
+    the imaged volume lies, so the plugin can match them against the stored SRs of earlier studies. Returns its
+    answer (``comparison`` items for ``write_pdf_report``, ``response["text"]``, ``prior``), or None when there
+    is nothing to compare or the plugin does not answer: the report is then written without a comparison.
+    """
+    from inference.client import OrthancUnavailable
+
+    source = volume.datasets[0] if volume.datasets else pydicom.Dataset()
+    patient_id = str(source.get("PatientID", "") or "")
+    if not patient_id:
+        return None
+    slices, rows, columns = volume.shape
+    centre = volume.affine @ np.array([(columns - 1) / 2.0, (rows - 1) / 2.0, (slices - 1) / 2.0, 1.0])
+    body = {
+        "patient_id": patient_id,
+        "study_date": str(source.get("StudyDate", "") or ""),
+        "study_time": str(source.get("StudyTime", "") or ""),
+        "frame_of_reference_uid": volume.frame_of_reference_uid or "",
+        "volume_centre_mm": [float(v) for v in centre[:3]],
+        "findings": [{
+            "tracking_uid": f.tracking_uid, "tracking_id": f.tracking_id, "volume_ml": float(f.volume_ml),
+            "longest_diameter_mm": float(f.longest_axial_diameter_mm),
+            "short_axis_mm": float(f.perpendicular_axial_diameter_mm),
+            "max_3d_diameter_mm": float(f.max_3d_diameter_mm),
+            "centroid_mm": [float(v) for v in f.centroid_mm],
+        } for f in findings],
+    }
+    try:
+        r = client.post_json(f"/ai/studies/{volume.study_instance_uid}/comparison", body, timeout=30)
+    except OrthancUnavailable as exc:
+        log.warning("no comparison with prior studies: %s", exc)
+        return None
+    if r.status_code != 200:
+        log.warning("no comparison with prior studies: %s %s", r.status_code, r.text[:200])
+        return None
+    answer = r.json()
+    return answer if answer.get("prior") else None
+
+
+__all__ = ["JobCancelled", "JobContext", "JobSkipped", "ReportSettings", "VolumeError", "request_comparison",
+           "run_segmentation", "result_uids", "write_results"]

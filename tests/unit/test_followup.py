@@ -689,3 +689,43 @@ def test_unmeasured_earlier_studies_are_queued_oldest_first(service: F.FollowUp,
     assert service.store.pending_priors("P9") == ["1.9.2", "1.9.1"]
     assert service.queue_priors("new") == []  # asked once only
     assert service.queue_priors("a") == []  # a study no rule routes brings no priors
+
+
+# --- the worker's side of the contract ------------------------------------------------------------------------
+
+
+def test_the_worker_asks_for_the_comparison_before_writing_its_report(service: F.FollowUp, rest: FakeRest) -> None:
+    from types import SimpleNamespace
+
+    from inference.pipeline import request_comparison
+    from inference.results.findings import Finding
+    from orthanc_plugin.routes import Api
+
+    prior = generate_uid()
+    ingest(service, rest, build_report("PAT-W", prior, "20240101", [Lesion((0, 0, 0), 1.0, 12.0)],
+                                       frame_of_reference_uid="1.2.9"))
+    api = Api(None, None, version="t", health=dict, models=dict, reload_models=dict, lease_seconds=30)
+    api.add_routes(routes(service))
+
+    class Client:  # the worker's OrthancClient, answered by the plugin's routes
+        def post_json(self, uri: str, body: dict, *, timeout: float | None = None):
+            status, answer = api.handle(Request("POST", uri.removeprefix("/ai/"), {}, json.dumps(body).encode(), {}))
+            return SimpleNamespace(status_code=status, json=lambda: answer, text=json.dumps(answer))
+
+    header = pydicom.Dataset()
+    header.PatientID, header.StudyDate = "PAT-W", "20240601"
+    volume = SimpleNamespace(datasets=[header], shape=(10, 20, 20), affine=np.eye(4), frame_of_reference_uid="1.2.9",
+                             study_instance_uid=generate_uid())
+    finding = Finding(number=1, segment_label=1, segment_name="Lesion", tracking_uid=generate_uid(),
+                      tracking_id="Lesion 1", voxel_count=100, volume_ml=2.5, max_3d_diameter_mm=21.0,
+                      longest_axial_diameter_mm=20.0, perpendicular_axial_diameter_mm=15.0, mean_intensity=1.0,
+                      centroid_mm=(1.0, 0.0, 0.0), centroid_index=(0.0, 0.0, 0.0), key_slice=0)
+
+    out = request_comparison(Client(), volume, [finding])
+    assert out["prior"]["study_instance_uid"] == prior
+    (item,) = out["comparison"]
+    assert item["tracking_id"] == "Lesion 1" and item["status"] == "increased"
+    assert item["prior_volume_ml"] == 1.0 and item["current_volume_ml"] == 2.5 and item["change_percent"] == 150.0
+    assert out["response"]["category"] == "PD" and out["response"]["text"].endswith(F.CONFIRMATION)
+    header.PatientID = "NEW-PATIENT"  # nothing earlier to compare with
+    assert request_comparison(Client(), volume, [finding]) is None
