@@ -78,9 +78,11 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.parent_pid = parent_pid
         self.stopping = threading.Event()
+        self.long_poll = 2.0  # seconds the server may hold a claim open waiting for a job
 
     def claim(self) -> dict | None:
-        r = self.client.post_json("/ai/worker/claim", {"worker": self.worker_id, "models": sorted(self.manifests)})
+        r = self.client.post_json("/ai/worker/claim", {"worker": self.worker_id, "models": sorted(self.manifests),
+                                                       "wait": self.long_poll}, timeout=self.long_poll + 30)
         if r.status_code == 204:
             return None
         if r.status_code != 200:
@@ -102,8 +104,7 @@ class Worker:
             if claimed is None:
                 if once:
                     return
-                self.stopping.wait(self.poll_seconds)
-                continue
+                continue  # the claim itself waited (long poll)
             self.process(claimed)
             if once:
                 return

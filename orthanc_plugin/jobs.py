@@ -106,6 +106,7 @@ class JobStore:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self._on_transition = on_transition
+        self._queued = threading.Condition()  # notified whenever a job becomes claimable
         self._lock = threading.RLock()
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
@@ -283,6 +284,11 @@ class JobStore:
                                     attempts=job["attempts"] + 1, started_at=now, progress=0.0,
                                     message="", error="")
 
+    def wait_for_queued(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds until some job is queued (long-polling claims)."""
+        with self._queued:
+            self._queued.wait(timeout)
+
     def heartbeat(self, job_id: str, lease_token: str, *, progress: float | None = None,
                   message: str | None = None) -> dict:
         """Renew the lease and record progress. A cancelled job is returned as is (the worker stops)."""
@@ -358,6 +364,9 @@ class JobStore:
             detail = changes.get("error") or changes.get("worker") or ""
             self._log(job, "transition", job["state"], new_state, actor, detail)
             updated = self.get(job_id)
+        if new_state == QUEUED:
+            with self._queued:
+                self._queued.notify_all()
         if self._on_transition:
             self._on_transition(updated, job["state"], new_state, actor)
         return updated

@@ -205,8 +205,18 @@ class Api:
         wanted = body.get("models")
         if wanted is not None and not (isinstance(wanted, list) and all(isinstance(m, str) for m in wanted)):
             raise RequestError('"models" must be a list of model ids')
-        job = self.store.claim(worker, models=[m for m in (wanted or models) if m in models],
-                               min_priority=self.claim_policy()["min_priority"])
+        wait = body.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+            raise RequestError('"wait" must be a number of seconds ≥ 0')
+        # long poll, kept short: Orthanc waits for open requests when it stops, and its HTTP threads are few
+        deadline = time.time() + min(float(wait), 2.0)
+        while True:
+            job = self.store.claim(worker, models=[m for m in (wanted or models) if m in models],
+                                   min_priority=self.claim_policy()["min_priority"])
+            remaining = deadline - time.time()
+            if job is not None or remaining <= 0:
+                break
+            self.store.wait_for_queued(remaining)
         if job is None:
             return 204, None
         manifest = models[job["model_id"]]

@@ -182,3 +182,16 @@ def test_rules_dry_run_with_candidate_rules(api):
     assert body["matched_studies"] == 0
     assert call(api, "POST", "rules/dry-run", {"rules": [{"Modality": "CT"}]})[0] == 400
     assert call(api, "GET", "rules")[1]["rules"][0]["models"] == ["brain"]
+
+
+def test_claim_long_poll_returns_as_soon_as_a_job_is_queued(api):
+    import threading
+    import time
+    threading.Timer(0.3, lambda: call(api, "POST", f"studies/{STUDY_UID}/segment", {})).start()
+    t0 = time.time()
+    status, body = call(api, "POST", "worker/claim", {"worker": "w", "wait": 5})
+    assert status == 200 and 0.2 < time.time() - t0 < 1.9
+    t0 = time.time()
+    assert call(api, "POST", "worker/claim", {"worker": "w", "wait": 0.3})[0] == 204
+    assert 0.25 < time.time() - t0 < 2
+    assert call(api, "POST", "worker/claim", {"worker": "w", "wait": -1})[0] == 400
