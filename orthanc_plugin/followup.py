@@ -575,7 +575,7 @@ class TrackedLesion:
     matched_by: str | None = None  # tracking_uid | centroid
     distance_mm: float | None = None
     reappeared: bool = False
-    lesion_id: str = ""
+    lesion_uid: str = ""  # the lesion's identity across time points (see track_lesions)
 
 
 def alignment_offset(earlier: LesionObservation, later: LesionObservation) -> tuple[float, float, float]:
@@ -603,7 +603,8 @@ def track_lesions(timepoints: Sequence[Timepoint], *, minimum_mm: float = MIN_TO
     Rules (see the module docstring): same Tracking Unique Identifier first, then nearest aligned centres
     within :func:`match_tolerance_mm`, one to one, nearest first. Only region groups take part (TID 1501
     whole-image groups do not). Tracks are labelled "Lesion 1", "Lesion 2"… in order of first appearance,
-    larger first within a time point.
+    larger first within a time point. A track's ``lesion_uid`` is the Tracking Unique Identifier of its first
+    observation (derived from the study when that has none): it names the lesion at every time point.
     """
     tracks: list[dict] = []  # {"uids": set, "last": observation, "last_index": int, "label": str, "id": str}
     result: list[list[TrackedLesion]] = []
@@ -644,19 +645,19 @@ def track_lesions(timepoints: Sequence[Timepoint], *, minimum_mm: float = MIN_TO
                 current.append(TrackedLesion(ti, track["label"], "persisting" if seen_before else "new",
                                              observations[oi], track["last"] if seen_before else None,
                                              track["last"], how, distance, reappeared=not seen_before,
-                                             lesion_id=track["id"]))
+                                             lesion_uid=track["id"]))
             else:
                 current.append(TrackedLesion(ti, track["label"], "disappeared", None,
                                              track["last"] if seen_before else None, track["last"],
-                                             lesion_id=track["id"]))
+                                             lesion_uid=track["id"]))
         fresh = sorted((oi for oi in range(len(observations)) if oi not in pairs),
                        key=lambda oi: (-(observations[oi].volume_ml or 0.0), -(observations[oi].size_mm or 0.0), oi))
         for oi in fresh:
             obs = observations[oi]
             ti = len(tracks)
             tracks.append({"uids": set(), "last": obs, "last_index": index, "label": f"Lesion {ti + 1}",
-                           "id": obs.tracking_uid or f"{tp.study_instance_uid}#{oi + 1}"})
-            current.append(TrackedLesion(ti, tracks[ti]["label"], "new", obs, lesion_id=tracks[ti]["id"]))
+                           "id": obs.tracking_uid or _uid_from(tp.study_instance_uid, str(oi + 1))})
+            current.append(TrackedLesion(ti, tracks[ti]["label"], "new", obs, lesion_uid=tracks[ti]["id"]))
         for tracked in current:  # the tracks' state after this time point
             if tracked.observation is not None:
                 track = tracks[tracked.track]
@@ -665,6 +666,13 @@ def track_lesions(timepoints: Sequence[Timepoint], *, minimum_mm: float = MIN_TO
                     track["uids"].add(tracked.observation.tracking_uid)
         result.append(sorted(current, key=lambda t: t.track))
     return result
+
+
+def _uid_from(*parts: str) -> str:
+    """A UID (2.25 form) derived from ``parts``: the same parts give the same UID."""
+    import uuid
+
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts)).int}"
 
 
 # --- response --------------------------------------------------------------------------------------------------
@@ -717,8 +725,8 @@ def assess_response(tracked: Sequence[Sequence[TrackedLesion]], index: int) -> d
     }
     if index == 0:
         out.update(category="baseline", name=RESPONSE_NAMES["baseline"],
-                   reasons=[f"baseline: {len(targets)} target lesion(s), SLD "
-                            f"{_mm(sums[0])}" if targets else "baseline: no measurable lesion (≥ 10 mm)"])
+                   reasons=[f"{len(targets)} target lesion(s), SLD {_mm(sums[0])}" if targets
+                            else "no measurable lesion (≥ 10 mm)"])
         return _with_text(out)
     earlier = [s for s in sums[:index] if s is not None]
     nadir = min(earlier) if earlier else None
@@ -761,7 +769,8 @@ def _mm(value: float | None) -> str:
 
 
 def _with_text(out: dict) -> dict:
-    out["text"] = f"{out['name']} ({out['category']}): {'; '.join(out['reasons'])}; {CONFIRMATION}"
+    name = out["name"] if out["category"] == "baseline" else f"{out['name']} ({out['category']})"
+    out["text"] = f"{name}: {'; '.join(out['reasons'])}; {CONFIRMATION}"
     return out
 
 
@@ -799,7 +808,8 @@ def comparison(timepoints: Sequence[Timepoint], study_instance_uid: str) -> dict
         items.append({
             "tracking_id": current.tracking_id if current is not None and current.tracking_id
             else f"prior {prior.tracking_id or t.label}" if prior is not None else t.label,
-            "label": t.label, "tracking_uid": current.tracking_uid if current else None,
+            "label": t.label, "tracking_uid": t.lesion_uid,
+            "current_tracking_uid": current.tracking_uid if current else None,
             "prior_tracking_uid": prior.tracking_uid if prior else None,
             "prior_volume_ml": _round(prior.volume_ml if prior else None, 3),
             "current_volume_ml": _round(current.volume_ml if current else None, 3),
@@ -1163,8 +1173,8 @@ def lesion_json(t: TrackedLesion) -> dict:
     mean, mean_unit = obs.mean_intensity if obs else (None, None)
     previous = t.previous
     out = {
-        "lesion_id": t.lesion_id, "label": t.label, "status": t.status,
-        "tracking_uid": ref.tracking_uid if ref else None, "tracking_id": ref.tracking_id if ref else None,
+        "tracking_uid": t.lesion_uid, "label": t.label, "status": t.status,
+        "sr_tracking_uid": obs.tracking_uid if obs else None, "tracking_id": ref.tracking_id if ref else None,
         "volume_ml": _round(obs.volume_ml, 4) if obs else None,
         "longest_diameter_mm": _round(obs.longest_diameter_mm, 2) if obs else None,
         "short_axis_mm": _round(obs.short_axis_mm, 2) if obs else None,
@@ -1207,7 +1217,7 @@ MATCHING_RULE = (
     "volumes; one to one, nearest first.")
 
 CSV_COLUMNS = ("patient_id", "study_instance_uid", "study_date", "accession_number", "label", "status",
-               "tracking_uid", "tracking_id", "finding", "finding_site", "volume_ml", "longest_diameter_mm",
+               "tracking_uid", "sr_tracking_uid", "tracking_id", "finding", "finding_site", "volume_ml", "longest_diameter_mm",
                "short_axis_mm", "max_3d_diameter_mm", "mean_intensity", "mean_intensity_unit",
                "volume_change_percent", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "matched_by",
                "sr_sop_instance_uid", "response", "sum_of_longest_diameters_mm")
@@ -1231,7 +1241,7 @@ def lesions_csv(view: dict) -> bytes:
         for lesion in tp["lesions"]:
             centroid = lesion["centroid_mm"] or [None, None, None]
             row = (view["patient_id"], tp["study_instance_uid"], tp["date"], tp["accession_number"], lesion["label"],
-                   lesion["status"], lesion["tracking_uid"], lesion["tracking_id"],
+                   lesion["status"], lesion["tracking_uid"], lesion["sr_tracking_uid"], lesion["tracking_id"],
                    (lesion["finding"] or {}).get("meaning"), (lesion["finding_site"] or {}).get("meaning"),
                    lesion["volume_ml"], lesion["longest_diameter_mm"], lesion["short_axis_mm"],
                    lesion["max_3d_diameter_mm"], lesion["mean_intensity"], lesion["mean_intensity_unit"],
@@ -1564,6 +1574,15 @@ class FollowUp:
             return False
         return bool(self.jobs.list(study_instance_uid=study_uid, limit=1))
 
+    def pending_priors(self, patient_id: str) -> list[str]:
+        """Priors queued for this patient that have no SR yet and a job still to finish."""
+        pending = self.store.pending_priors(patient_id)
+        if self.jobs is None:
+            return pending
+        active = ("pending", "queued", "running")
+        return [uid for uid in pending
+                if any(j["state"] in active for j in self.jobs.list(study_instance_uid=uid, limit=20))]
+
     # -- views ----------------------------------------------------------------------------------------------------
     def lesions(self, patient_id: str) -> dict | None:
         timepoints = self.store.timepoints(patient_id)
@@ -1574,7 +1593,7 @@ class FollowUp:
         if view is None:
             return None
         return report_view(self.store.patient(patient_id) or {"patient_id": patient_id}, view,
-                           self.store.pending_priors(patient_id))
+                           self.pending_priors(patient_id))
 
     def comparison(self, study_uid: str, current: dict | None = None) -> dict | None:
         """The study's comparison with the patient's previous study. ``current`` (the worker's findings, before
@@ -1589,7 +1608,7 @@ class FollowUp:
             return None
         out = comparison(timepoints, study_uid)
         out["patient_id"] = patient_id
-        out["pending_priors"] = self.store.pending_priors(patient_id)
+        out["pending_priors"] = self.pending_priors(patient_id)
         return out
 
 

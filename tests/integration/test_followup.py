@@ -168,7 +168,7 @@ def test_the_route_returns_the_volumes_of_the_srs(server, measured, timepoints) 
     for tp in view["timepoints"]:
         stated = _sr_values(server, tp["study_instance_uid"])
         present = [lesion for lesion in tp["lesions"] if lesion["status"] != "disappeared"]
-        assert {lesion["tracking_uid"]: lesion["volume_ml"] for lesion in present} == pytest.approx(stated, abs=1e-4)
+        assert {lesion["sr_tracking_uid"]: lesion["volume_ml"] for lesion in present} == pytest.approx(stated, abs=1e-4)
         for lesion in present:
             assert lesion["longest_diameter_mm"] > 0 and lesion["short_axis_mm"] > 0
     # lesion A as the detector measured it against the phantom written into the pixels (voxelised sphere)
@@ -184,6 +184,8 @@ def test_csv_and_report(server, measured) -> None:
     lines = r.text.strip().splitlines()
     assert lines[0].startswith("patient_id,study_instance_uid,study_date")
     assert len(lines) - 1 == sum(len(tp["lesions"]) for tp in measured["view"]["timepoints"])
+    encoded = server.session.get(f"{server.url}/ai/patients/FOLLOWUP%2D1/report", timeout=30)
+    assert encoded.status_code == 200 and encoded.json()["patient"]["patient_id"] == PATIENT
     patients = server.get("/ai/patients", params={"query": "followup"})
     assert patients["total"] == 1 and patients["patients"][0]["study_count"] == 3
     report = server.get(f"/ai/patients/{PATIENT}/report")
@@ -199,6 +201,7 @@ def test_the_same_lesion_is_matched_a_new_one_labelled_and_the_response_computed
     first, second, third = view["timepoints"]
     a1, a2 = _at(first, A), _at(second, A)
     assert a1 and a2 and a1["label"] == a2["label"] and a2["status"] == "persisting"
+    assert a1["tracking_uid"] == a2["tracking_uid"] and a2["sr_tracking_uid"] != a1["sr_tracking_uid"]
     assert a2["volume_ml"] > 1.5 * a1["volume_ml"] and a2["volume_change_percent"] > 50
     b2 = _at(second, B)
     assert b2 and b2["status"] == "new" and b2["label"] not in {lesion["label"] for lesion in first["lesions"]}

@@ -217,7 +217,7 @@ class FakeJobs:
         self.studies = studies
 
     def list(self, *, study_instance_uid: str, limit: int = 100):
-        return [{"id": "x"}] if study_instance_uid in self.studies else []
+        return [{"id": "x", "state": "queued"}] if study_instance_uid in self.studies else []
 
 
 @pytest.fixture
@@ -503,7 +503,7 @@ def test_new_disappeared_and_reappeared_lesions_are_labelled() -> None:
     assert statuses(tracked[1]) == [("Lesion 1", "persisting"), ("Lesion 2", "new")]
     assert statuses(tracked[2]) == [("Lesion 1", "disappeared"), ("Lesion 2", "persisting")]
     assert statuses(tracked[3]) == [("Lesion 1", "new"), ("Lesion 2", "persisting")]
-    assert tracked[3][0].reappeared and tracked[3][0].lesion_id == tracked[0][0].lesion_id
+    assert tracked[3][0].reappeared and tracked[3][0].lesion_uid == tracked[0][0].lesion_uid
 
 
 # --- response --------------------------------------------------------------------------------------------------
@@ -524,6 +524,7 @@ def response(*diameter_lists, extra=None) -> list[dict]:
 def test_response_categories() -> None:
     base = response([30.0, 20.0])[0]
     assert base["category"] == "baseline" and base["sum_of_longest_diameters_mm"] == 50.0
+    assert base["text"] == f"Baseline: 2 target lesion(s), SLD 50.0 mm; {F.CONFIRMATION}"
     assert base["target_lesions"] == ["Lesion 1", "Lesion 2"]
     assert response([30.0, 20.0], [21.0, 14.0])[1]["category"] == "PR"  # 35 mm: −30 %
     assert response([30.0, 20.0], [21.0, 14.5])[1]["category"] == "SD"  # −29 %
@@ -609,6 +610,9 @@ def test_lesions_view_and_csv(service: F.FollowUp, rest: FakeRest) -> None:
         "label": "Lesion 1", "status": "persisting", "volume_ml": 2.2, "longest_diameter_mm": 21.0,
         "short_axis_mm": 13.0}
     assert lesion["volume_change_percent"] == 10.0 and lesion["matched_by"] == "centroid"
+    first_seen = view["timepoints"][0]["lesions"][0]
+    assert lesion["tracking_uid"] == first_seen["tracking_uid"] == first_seen["sr_tracking_uid"]  # one identity
+    assert lesion["sr_tracking_uid"] != lesion["tracking_uid"]  # … while each SR has its own
     assert view["timepoints"][1]["response"]["category"] == "PD"
 
     data = F.lesions_csv(view)
@@ -687,6 +691,9 @@ def test_unmeasured_earlier_studies_are_queued_oldest_first(service: F.FollowUp,
     assert service.queue_priors("new") == ["1.9.2", "1.9.1"]
     assert service.dispatcher.requested == ["1.9.2", "1.9.1"]
     assert service.store.pending_priors("P9") == ["1.9.2", "1.9.1"]
+    assert service.pending_priors("P9") == []  # their jobs are not active in FakeJobs
+    service.jobs.studies |= {"1.9.2"}
+    assert service.pending_priors("P9") == ["1.9.2"]
     assert service.queue_priors("new") == []  # asked once only
     assert service.queue_priors("a") == []  # a study no rule routes brings no priors
 
