@@ -85,13 +85,16 @@ class ReportSettings:
 
 
 def write_results(volume: Volume, labels: np.ndarray, model: SegmentationModel,
-                  report: ReportSettings = ReportSettings()) -> list[pydicom.Dataset]:
+                  report: ReportSettings = ReportSettings(),
+                  compare: Callable[[Volume, list], dict | None] | None = None) -> list[pydicom.Dataset]:
     """All result objects of one segmentation, built before any is stored (all or nothing):
-    SEG, RT Structure Set, TID 1500 measurement SR, encapsulated PDF report."""
+    SEG, RT Structure Set, TID 1500 measurement SR, encapsulated PDF report (with the comparison to the
+    patient's previous study when ``compare`` finds one)."""
     info = model.info
     findings = measure_findings(volume, labels, info.segments,
                                 uid_parts=(volume.study_instance_uid, info.id, info.version,
                                            volume.series_instance_uid))
+    comparison = compare(volume, findings) if compare else None
     series, sop = result_uids(volume, model, "SEG")
     seg = write_segmentation(volume, labels, info.segments, info, series_instance_uid=series, sop_instance_uid=sop)
     series, sop = result_uids(volume, model, "RTSTRUCT")
@@ -101,7 +104,9 @@ def write_results(volume: Volume, labels: np.ndarray, model: SegmentationModel,
     sr = write_measurement_report(volume, findings, seg, info, series_instance_uid=series, sop_instance_uid=sop)
     series, sop = result_uids(volume, model, "PDF")
     pdf = write_pdf_report(volume, labels, findings, info, series_instance_uid=series, sop_instance_uid=sop,
-                           language=report.language, template_dir=report.template_directory)
+                           language=report.language, template_dir=report.template_directory,
+                           comparison=(comparison or {}).get("comparison") or None,
+                           response=((comparison or {}).get("response") or {}).get("text"))
     return [seg, rtstruct, sr, pdf]
 
 
@@ -122,7 +127,8 @@ def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: Segme
     ctx.timings["model"] = time.perf_counter() - t1
     ctx.step(0.87, "writing SEG, RTSTRUCT, SR and PDF")
     t2 = time.perf_counter()
-    objects = write_results(volume, result.labels, model, report)
+    objects = write_results(volume, result.labels, model, report,
+                            compare=lambda v, findings: request_comparison(client, v, findings))
     ctx.timings["write"] = time.perf_counter() - t2
     ctx.step(0.95, "storing results in Orthanc")
     t3 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""TID 1500 Measurement Report (Enhanced SR, highdicom) of findings, and a reader for TID 1500 reports.
+"""TID 1500 Measurement Report (Comprehensive 3D SR, highdicom; each lesion's centre as a SCOORD3D point) of findings, and a reader for TID 1500 reports.
 
 One Measurement Group (TID 1411, Volumetric ROI) per finding, pointing at its segment in the SEG. Enhanced
 SR is enough: the content holds codes, numbers, text, UIDs and image references but no 3D coordinates,
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -51,6 +52,7 @@ MAXIMUM = codes.SCT.Maximum  # (56851009, SCT)
 LONG_AXIS = codes.SCT.LongAxis  # (103339001, SCT)
 SHORT_AXIS = codes.SCT.ShortAxis  # (103340004, SCT), the longest chord perpendicular to the long axis
 MEAN = codes.SCT.Mean  # (373098007, SCT)
+CENTER_OF_MASS = codes.DCM.CenterOfMass  # (128138, DCM): the finding's centroid, a SCOORD3D POINT
 
 MILLILITER = CodedConcept("ml", "UCUM", "milliliter")
 MILLIMETER = codes.UCUM.Millimeter  # (mm, UCUM)
@@ -87,7 +89,7 @@ def write_measurement_report(
     series_number: int = 9003,
     series_description: str | None = None,
 ) -> pydicom.Dataset:
-    """A TID 1500 Enhanced SR with one measurement group per finding, each referencing its SEG segment.
+    """A TID 1500 Comprehensive 3D SR with one measurement group per finding, each referencing its SEG segment.
 
     ``seg`` is the SEG the findings were measured on (None only when there are no findings). Without
     findings the report states, per segment of the model, that none was found.
@@ -100,7 +102,7 @@ def write_measurement_report(
     root = _report_root(volume, model, groups, _report_evaluations(findings, model))
 
     evidence = list(volume.datasets) + ([seg] if seg is not None else [])
-    return hd.sr.EnhancedSR(
+    return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=root,
         series_instance_uid=series_instance_uid,
@@ -287,7 +289,7 @@ def _measurement_group(
         hd.sr.Measurement(name=MEAN, value=finding.mean_intensity, unit=intensity_unit, algorithm_id=algorithm),
     ]
     site = finding.extra.get("finding_site")
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
@@ -301,6 +303,17 @@ def _measurement_group(
         finding_sites=[hd.sr.FindingSite(_coded(site))] if finding.location and isinstance(site, Code) else None,
         measurements=measurements,
     )
+    if volume.frame_of_reference_uid:  # where the lesion is, so that later studies can find it again
+        group[0].ContentSequence.append(
+            hd.sr.Scoord3DContentItem(
+                name=CENTER_OF_MASS,
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([finding.centroid_mm], dtype=np.float64),
+                frame_of_reference_uid=volume.frame_of_reference_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
 
 
 def _segment_number(finding: Finding, seg: pydicom.Dataset) -> int:

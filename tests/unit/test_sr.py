@@ -147,7 +147,7 @@ def test_findings_round_trip_through_the_report(brain, findings, seg, tmp_path: 
 
     # highdicom reads it as a TID 1500 report with the same groups
     report = hd.sr.srread(tmp_path / "sr.dcm")
-    assert isinstance(report, hd.sr.EnhancedSR)
+    assert isinstance(report, hd.sr.Comprehensive3DSR)
     volumetric = report.content.get_volumetric_roi_measurement_groups()
     assert [g.tracking_uid for g in volumetric] == [f.tracking_uid for f in findings]
     assert volumetric[1].roi is None and volumetric[1].referenced_segment is not None
@@ -166,7 +166,7 @@ def test_long_axis_references_the_image_it_was_measured_on(brain, findings, seg,
 def test_report_identity_and_context(brain, findings, seg, tmp_path: Path) -> None:
     ds = _write(brain, findings, seg, tmp_path / "sr.dcm")
 
-    assert ds.SOPClassUID == pydicom.uid.EnhancedSRStorage
+    assert ds.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
     assert ds.Modality == "SR" and ds.SeriesNumber == 9003
     assert ds.SeriesDescription == "AI Test lesion segmentation measurements"
     assert ds.Manufacturer == MANUFACTURER and ds.ManufacturerModelName == MODEL.id
