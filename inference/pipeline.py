@@ -101,13 +101,32 @@ def write_results(volume: Volume, labels: np.ndarray, model: SegmentationModel,
     rtstruct = write_rt_structure_set(volume, labels, info.segments, info, series_instance_uid=series,
                                       sop_instance_uid=sop)
     series, sop = result_uids(volume, model, "SR")
-    sr = write_measurement_report(volume, findings, seg, info, series_instance_uid=series, sop_instance_uid=sop)
+    sr = write_measurement_report(volume, findings, seg, info, series_instance_uid=series, sop_instance_uid=sop,
+                                  comparison=comparison_sentences(comparison))
     series, sop = result_uids(volume, model, "PDF")
     pdf = write_pdf_report(volume, labels, findings, info, series_instance_uid=series, sop_instance_uid=sop,
                            language=report.language, template_dir=report.template_directory,
                            comparison=(comparison or {}).get("comparison") or None,
                            response=((comparison or {}).get("response") or {}).get("text"))
     return [seg, rtstruct, sr, pdf]
+
+
+def comparison_sentences(answer: dict | None) -> list[str]:
+    """The follow-up's comparison as plain sentences for the SR (the PDF shows it as a table)."""
+    if not answer:
+        return []
+    prior = answer.get("prior") or {}
+    out = [f"Comparison with the study of {prior.get('date') or 'an earlier date'} "
+           f"({prior.get('study_instance_uid', '')})."]
+    for item in answer.get("comparison") or []:
+        change = item.get("change_percent")
+        out.append(f"{item.get('tracking_id', 'Lesion')}: {item.get('status', '')}, volume "
+                   f"{item.get('prior_volume_ml', '—')} → {item.get('current_volume_ml', '—')} ml"
+                   + (f" ({change:+.0f} %)" if isinstance(change, (int, float)) else "") + ".")
+    text = ((answer.get("response") or {}).get("text"))
+    if text:
+        out.append(text)
+    return out
 
 
 def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: SegmentationModel,

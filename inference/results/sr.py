@@ -88,8 +88,12 @@ def write_measurement_report(
     sop_instance_uid: str,
     series_number: int = 9003,
     series_description: str | None = None,
+    comparison: Sequence[str] = (),
 ) -> pydicom.Dataset:
     """A TID 1500 Comprehensive 3D SR with one measurement group per finding, each referencing its SEG segment.
+
+    ``comparison``: sentences comparing this study with the patient's previous one (per-lesion change and the
+    computed response), written as comments in the report's Qualitative Evaluations.
 
     ``seg`` is the SEG the findings were measured on (None only when there are no findings). Without
     findings the report states, per segment of the model, that none was found.
@@ -99,7 +103,10 @@ def write_measurement_report(
     algorithm = hd.sr.AlgorithmIdentification(name=_lo(model.name), version=_lo(model.version))
     intensity_unit = _intensity_unit(volume)
     groups = [_measurement_group(volume, finding, seg, model, algorithm, intensity_unit) for finding in findings]
-    root = _report_root(volume, model, groups, _report_evaluations(findings, model))
+    evaluations = _report_evaluations(findings, model) + [
+        hd.sr.TextContentItem(name=COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for text in comparison if text]
+    root = _report_root(volume, model, groups, evaluations)
 
     evidence = list(volume.datasets) + ([seg] if seg is not None else [])
     return hd.sr.Comprehensive3DSR(

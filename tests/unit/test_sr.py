@@ -269,3 +269,19 @@ def test_reads_other_tools_reports(shared_data: Path) -> None:
     with pytest.raises(ValueError, match="not a structured report"):
         read_measurement_report(pydicom.dcmread(shared_data / "mr_brain" / "siemens_t1_fl2d_sag_HFS" / sorted(
             p.name for p in (shared_data / "mr_brain" / "siemens_t1_fl2d_sag_HFS").glob("*.dcm"))[0]))
+
+
+def test_comparison_sentences_are_stored_as_comments(brain, findings, seg, tmp_path: Path) -> None:
+    from inference.pipeline import comparison_sentences
+    answer = {"prior": {"date": "20250101", "study_instance_uid": "1.2.3"},
+              "comparison": [{"tracking_id": "Lesion 1", "status": "increased", "prior_volume_ml": 1.2,
+                              "current_volume_ml": 2.4, "change_percent": 100.0}],
+              "response": {"text": "Progressive disease (computed, to be confirmed by the physician)"}}
+    sentences = comparison_sentences(answer)
+    assert sentences[0].startswith("Comparison with the study of 20250101")
+    assert "Lesion 1: increased, volume 1.2 → 2.4 ml (+100 %)." in sentences
+    assert sentences[-1].startswith("Progressive disease")
+    assert comparison_sentences(None) == []
+    ds = _write(brain, findings, seg, tmp_path / "sr.dcm", comparison=sentences)
+    texts = [item.TextValue for item in _items(ds) if "TextValue" in item]
+    assert any(t.startswith("Progressive disease") for t in texts), texts
