@@ -63,9 +63,13 @@ async function call(url, { method = 'GET', json, body, headers = {} } = {}) {
   return data;
 }
 
+export function aiUrl(path) {
+  return `${settings.apiRoot}/ai/${path}`;
+}
+
 /** A call to our /ai/ routes, e.g. ai('GET', 'models'). */
 export function ai(method, path, json) {
-  return call(`${settings.apiRoot}/ai/${path}`, { method, json });
+  return call(aiUrl(path), { method, json });
 }
 
 /** A call to Orthanc's own REST API, e.g. orthanc('DELETE', 'studies/<id>'). */

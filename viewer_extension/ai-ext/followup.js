@@ -5,7 +5,7 @@
  * page /ohif/followup?PatientID=…. Data: GET /ai/patients/{PatientID}/lesions.
  */
 
-import { ai, ApiError, formatDate, routerPath } from './api.js';
+import { ai, aiUrl, ApiError, formatDate, routerPath } from './api.js';
 import { activePatientID, ohif } from './context.js';
 import { getHostReact } from './host-react.js';
 
@@ -105,8 +105,18 @@ export function toCsv(data) {
   return rows.join('\r\n') + '\r\n';
 }
 
-export function downloadCsv(data) {
-  const blob = new Blob([toCsv(data)], { type: 'text/csv;charset=utf-8' });
+/** Download the table as CSV: the server's export when it has one (more columns), else built here. */
+export async function downloadCsv(data) {
+  let blob = null;
+  try {
+    const response = await fetch(aiUrl(`patients/${encodeURIComponent(data.patient_id)}/lesions.csv`), { credentials: 'same-origin' });
+    if (response.ok) {
+      blob = await response.blob();
+    }
+  } catch (error) {
+    /* no server export: build it */
+  }
+  blob = blob || new Blob([toCsv(data)], { type: 'text/csv;charset=utf-8' });
   const url = URL.createObjectURL(blob);
   const link = document.createElement('a');
   link.href = url;
@@ -123,14 +133,14 @@ function fmt(value, digits = 1) {
 
 /* ------------------------------------------------------------------ components */
 
-function Chart({ data, metric, width, height }) {
+function Chart({ data, metric, width, height, fluid }) {
   const React = getHostReact();
   const h = React.createElement;
   const info = METRICS.find(m => m.key === metric);
   const series = lesionSeries(data, metric);
   const dates = sortedTimepoints(data).map(tp => tp.date);
   const values = series.flatMap(s => s.points.map(p => p.value)).filter(v => v !== null && isFinite(v));
-  const pad = { left: 44, right: 12, top: 14, bottom: 30 };
+  const pad = { left: 44, right: 40, top: 14, bottom: 30 };
   const max = values.length ? Math.max(...values) * 1.15 || 1 : 1;
   const x = date => {
     const i = dates.indexOf(date);
@@ -141,8 +151,10 @@ function Chart({ data, metric, width, height }) {
   return h(
     'svg',
     {
-      width,
-      height,
+      viewBox: `0 0 ${width} ${height}`,
+      width: fluid ? '100%' : width,
+      height: fluid ? undefined : height,
+      preserveAspectRatio: 'xMidYMid meet',
       role: 'img',
       'aria-label': `${info.label} of each tracked lesion over time`,
       'data-cy': 'ai-followup-chart',
@@ -162,11 +174,22 @@ function Chart({ data, metric, width, height }) {
       const colour = COLOURS[i % COLOURS.length];
       const pts = s.points.filter(p => p.value !== null && isFinite(p.value));
       const path = pts.map((p, k) => `${k ? 'L' : 'M'}${x(p.date).toFixed(1)},${y(p.value).toFixed(1)}`).join(' ');
+      // a lesion no longer found has no measurement: a cross on the axis, not an invented value
+      const gone = s.points.filter(p => (p.value === null || !isFinite(p.value)) && p.status === 'disappeared');
       return h('g', { key: s.id, 'data-cy': 'ai-followup-line' },
         pts.length > 1 && h('path', { d: path, stroke: colour, strokeWidth: 2, fill: 'none' }),
         ...pts.map((p, k) =>
           h('circle', { key: k, cx: x(p.date), cy: y(p.value), r: 3.5, fill: colour },
             h('title', null, `${s.label}, ${formatDate(p.date)}: ${fmt(p.value)} ${info.unit}`))
+        ),
+        ...gone.map((p, k) =>
+          h('path', {
+            key: `gone${k}`,
+            d: `M${x(p.date) - 4},${y(0) - 4} l8,8 m0,-8 l-8,8`,
+            stroke: colour,
+            strokeWidth: 2,
+            'data-cy': 'ai-followup-disappeared',
+          }, h('title', null, `${s.label}, ${formatDate(p.date)}: disappeared`))
         )
       );
     })
@@ -188,26 +211,32 @@ function Table({ data, compact, onOpenStudy }) {
   const h = React.createElement;
   const cell = { padding: compact ? '3px 4px' : '5px 10px', borderBottom: '1px solid #1e3356', textAlign: 'left' };
   const num = { ...cell, textAlign: 'right', fontVariantNumeric: 'tabular-nums' };
-  const head = ['Date', 'Lesion', 'Status', 'Volume (ml)', compact ? 'LD (mm)' : 'Longest diameter (mm)', compact ? 'SA (mm)' : 'Short axis (mm)'];
+  const head = compact
+    ? ['Date', 'Lesion', 'Volume (ml)', 'LD (mm)']
+    : ['Date', 'Lesion', 'Status', 'Volume (ml)', 'Longest diameter (mm)', 'Short axis (mm)'];
   const rows = [];
   for (const tp of sortedTimepoints(data)) {
     const lesions = tp.lesions || [];
     if (!lesions.length) {
       rows.push(h('tr', { key: `${tp.study_instance_uid}-none` },
         h('td', { style: cell }, formatDate(tp.date)),
-        h('td', { style: { ...cell, color: MUTED }, colSpan: 5 }, 'no tracked lesion')));
+        h('td', { style: { ...cell, color: MUTED }, colSpan: head.length - 1 }, 'no tracked lesion')));
     }
     lesions.forEach((l, i) => {
       rows.push(h('tr', { key: `${tp.study_instance_uid}-${l.tracking_uid || i}`, 'data-cy': 'ai-followup-row' },
-        h('td', { style: cell },
+        h('td', { style: { ...cell, whiteSpace: 'nowrap' } },
           i ? '' : onOpenStudy
-            ? h('a', { href: routerPath(`/viewer?StudyInstanceUIDs=${tp.study_instance_uid}`), style: { color: '#5acce6' } }, formatDate(tp.date))
+            ? h(React.Fragment, null,
+              h('a', { href: routerPath(`/viewer?StudyInstanceUIDs=${tp.study_instance_uid}`), style: { color: '#5acce6' } }, formatDate(tp.date)),
+              tp.response && (tp.response.name || tp.response.category) && h('div', { style: { color: MUTED, fontSize: 11 } }, tp.response.name || tp.response.category))
             : formatDate(tp.date)),
-        h('td', { style: cell }, l.label || l.tracking_uid),
-        h('td', { style: cell }, l.status || ''),
+        compact
+          ? h('td', { style: cell }, l.label || l.tracking_uid, l.status && h('div', { style: { color: MUTED, fontSize: 10 } }, l.status))
+          : h('td', { style: cell }, l.label || l.tracking_uid),
+        !compact && h('td', { style: cell }, l.status || ''),
         h('td', { style: num }, fmt(l.volume_ml, 2)),
         h('td', { style: num }, fmt(l.longest_diameter_mm)),
-        h('td', { style: num }, fmt(l.short_axis_mm))));
+        !compact && h('td', { style: num }, fmt(l.short_axis_mm))));
     });
   }
   return h('table', { 'data-cy': 'ai-followup-table', style: { borderCollapse: 'collapse', width: '100%', fontSize: compact ? 11 : 13 } },
@@ -266,14 +295,14 @@ function FollowUpView({ PatientID, compact }) {
   const [metric, setMetric] = React.useState('volume_ml');
   const data = result.data;
   const timepoints = sortedTimepoints(data);
-  const width = compact ? 270 : 760;
+  const width = compact ? 260 : 760;
   return h('div', { style: { color: TEXT } },
     PatientID && data && h('div', { style: { fontSize: 12, color: MUTED, marginBottom: 4 }, 'data-cy': 'ai-followup-summary' },
       `Patient ${data.patient_id || PatientID} — ${timepoints.length} time point${timepoints.length === 1 ? '' : 's'}`),
     result.state !== 'ready' && h('div', { 'data-cy': 'ai-followup-empty', style: { color: result.state === 'error' ? '#f88' : MUTED, fontSize: 13, margin: '8px 0' } }, result.message),
     result.state === 'ready' && h(React.Fragment, null,
       h(MetricSwitch, { metric, setMetric }),
-      h(Chart, { data, metric, width, height: compact ? 170 : 320 }),
+      h(Chart, { data, metric, width, height: compact ? 170 : 320, fluid: compact }),
       h(Legend, { data }),
       h('div', { style: { overflowX: 'auto', marginTop: 6 } }, h(Table, { data, compact, onOpenStudy: !compact }))),
     h('div', { style: { display: 'flex', gap: 8, marginTop: 10, flexWrap: 'wrap' } },
@@ -321,6 +350,7 @@ export function FollowUpPage() {
     'data-cy': 'ai-followup-page',
     style: { height: '100vh', overflowY: 'auto', background: '#000', color: TEXT, padding: '24px 32px', fontFamily: 'Inter, sans-serif' },
   },
+  h('div', { style: { maxWidth: 820 } },
     h('div', { style: { display: 'flex', alignItems: 'baseline', gap: 16, marginBottom: 12 } },
       h('h1', { style: { fontSize: 22, fontWeight: 600, margin: 0 } }, 'Lesion follow-up'),
       h('a', { href: routerPath('/'), style: { color: '#5acce6', fontSize: 13 } }, '← Study list')),
@@ -328,5 +358,5 @@ export function FollowUpPage() {
       ? h(FollowUpView, { PatientID, compact: false })
       : h('div', { 'data-cy': 'ai-followup-empty', style: { color: MUTED } }, 'No patient given: open this page from the viewer’s follow-up panel, or add ?PatientID=… to the address.'),
     h('p', { style: { color: MUTED, fontSize: 11, marginTop: 24, maxWidth: 760 } },
-      'Measurements come from the AI results stored in the PACS. They support, and do not replace, the reading of the images.'));
+      'Measurements come from the AI results stored in the PACS. They support, and do not replace, the reading of the images.')));
 }
