@@ -79,8 +79,8 @@ def _forward(destination, resources: list[str]) -> None:
         orthanc.RestApiPost(f"/modalities/{destination.target}/store", body)
     elif destination.type == "peer":
         orthanc.RestApiPost(f"/peers/{destination.target}/store", body)
-    else:
-        orthanc.RestApiPost(f"/dicom-web/servers/{destination.target}/stow", body)
+    else:  # a route of the DICOMweb plugin: only reachable "after plugins"
+        orthanc.RestApiPostAfterPlugins(f"/dicom-web/servers/{destination.target}/stow", body)
 
 
 def _resolve_instances(sop_instance_uids: list[str]) -> list[str]:
@@ -259,6 +259,10 @@ def _setup() -> None:
     from orthanc_plugin import followup  # lesions across a patient's studies, from every TID 1500 SR
     on_change = followup.register(orthanc, api, cfg.data_directory / "ai-followup.sqlite", dispatcher=dispatcher,
                                   jobs=store, auto_priors=cfg.auto_trigger).chain(on_change)
+
+    from orthanc_plugin import slides  # whole-slide pathology: /ai/slides, inbox folder, DICOM WSI series
+    on_change = slides.register(orthanc, api, cfg.job_store_path, cfg.data_directory, full.get("AI", {}).get(
+        "Pathology"), lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts).chain(on_change)
 
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)

@@ -135,7 +135,7 @@ class OrthancServer:
 class PlainOrthanc:
     """A second, plugin-less Orthanc playing the hospital PACS (C-FIND/C-MOVE/C-STORE SCP)."""
 
-    def __init__(self, root: Path, aet: str = "PACS", modalities: dict | None = None) -> None:
+    def __init__(self, root: Path, aet: str = "PACS", modalities: dict | None = None, dicomweb: bool = False) -> None:
         import json
         self.root, self.aet = root, aet
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -144,7 +144,8 @@ class PlainOrthanc:
         (root / "pacs.json").write_text(json.dumps({
             "Name": aet, "DicomAet": aet, "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [launcher.find_plugin("libOrthancDicomWeb.so")] if dicomweb else [],
             "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True, "DicomModalities": modalities or {}}))
         self.process: subprocess.Popen | None = None
 

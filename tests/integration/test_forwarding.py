@@ -22,7 +22,7 @@ def pacs_port():
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory):
     """A second Orthanc reached over HTTP (Orthanc peer), not started until the test says so."""
-    server = PlainOrthanc(tmp_path_factory.mktemp("mirror"), aet="MIRROR")
+    server = PlainOrthanc(tmp_path_factory.mktemp("mirror"), aet="MIRROR", dicomweb=True)
     yield server
     server.stop()
 
@@ -33,12 +33,14 @@ def orthanc(tmp_path_factory, pacs_port, mirror):
     server = OrthancServer(tmp_path_factory.mktemp("orthanc-fwd"), overrides={
         "DicomModalities": {"pacs": ["PACS", "127.0.0.1", pacs_port], "void": ["VOID", "127.0.0.1", dead_port]},
         "OrthancPeers": {"mirror": [mirror.url + "/"]},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"mirror-web": [mirror.url + "/dicom-web/"]}},
         "AI": {"Destinations": {"main-pacs": {"Type": "dicom", "Target": "pacs"},
                                 "nowhere": {"Type": "dicom", "Target": "void"},
-                                "mirror": {"Type": "peer", "Target": "mirror"}},
+                                "mirror": {"Type": "peer", "Target": "mirror"},
+                                "mirror-web": {"Type": "dicomweb", "Target": "mirror-web"}},
                "Outbox": {"InitialBackoffSeconds": 1, "MaxBackoffSeconds": 2, "MaxAgeSeconds": 12},
                "Rules": [{"Name": "brain", "Modality": "MR", "Model": "brain-lesion-candidates",
-                          "Destinations": ["main-pacs", "nowhere", "mirror"]}]}}).start()
+                          "Destinations": ["main-pacs", "nowhere", "mirror", "mirror-web"]}]}}).start()
     yield server
     server.stop()
 
@@ -56,7 +58,7 @@ def test_results_reach_a_pacs_that_was_down(orthanc, shared_data, pacs_port, mir
     study = pydicom.dcmread(next(brain.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     orthanc.storescu(brain)
     job = orthanc.wait_jobs(study, timeout=180)[0]
-    assert job["state"] == "done" and job["destinations"] == ["main-pacs", "nowhere", "mirror"]
+    assert job["state"] == "done" and job["destinations"] == ["main-pacs", "nowhere", "mirror", "mirror-web"]
 
     def items(dest):
         return [i for i in orthanc.get("/ai/outbox")["items"] if i["destination"] == dest and i["job_id"] == job["id"]]
@@ -77,6 +79,10 @@ def test_results_reach_a_pacs_that_was_down(orthanc, shared_data, pacs_port, mir
 
     mirror.start()  # the second Orthanc comes up: the HTTP peer destination catches up too
     wait_for(lambda: items("mirror")[0]["state"] == "delivered", 30, "delivery to the Orthanc peer")
+    try:
+        wait_for(lambda: items("mirror-web")[0]["state"] == "delivered", 30, "delivery over DICOMweb STOW-RS")
+    except AssertionError:
+        raise AssertionError(f"STOW-RS not delivered: {items('mirror-web')}") from None
     import requests
     stored = requests.get(mirror.url + "/instances?expand", timeout=10).json()
     assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored) == sorted(job["outputs"])
