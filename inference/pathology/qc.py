@@ -1,0 +1,207 @@
+"""Tile and slide quality control: tissue ratio, blur (variance of the Laplacian), stain check.
+
+Per tile (grid A, 224 px at 0.5 µm/px by default): the tissue ratio (share of pixels that are saturated or
+darker than the glass, measured at a quarter of the tile's resolution), the variance of the Laplacian of
+the grey image (HistoQC's ``laplacian_var``; low = out of focus) and the mean grey level. Tiles are
+measured a block at a time with vectorised reductions, so QC costs little next to decoding the pixels.
+
+Per slide: tissue ratio, blur ratio (blurry tissue tiles / tissue tiles), focus score (median variance of
+the Laplacian over tissue tiles), H&E stain check (Macenko vectors vs Ruifrok's), and a decision: ``pass``,
+``warn`` (recorded in the report) or ``fail`` (the slide ends ``failed`` with the reason); no tissue at all
+ends the slide ``skipped``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+
+from inference.pathology.stain import StainEstimate, estimate_stains
+from inference.pathology.tiling import Block, TileGrid
+
+__all__ = ["BACKGROUND", "BLURRY", "KEPT", "LOW_TISSUE", "QcParams", "SlideQc", "TileQc", "decide", "measure_block",
+           "tile_state", "tiles_from_state"]
+
+# Tile status codes in the grid (uint8)
+BACKGROUND, LOW_TISSUE, BLURRY, KEPT = 0, 1, 2, 3
+STATUS_NAMES = {BACKGROUND: "background", LOW_TISSUE: "low_tissue", BLURRY: "blurry", KEPT: "kept"}
+
+_SAMPLE_PER_TILE = 64
+_SAMPLE_MAX = 60_000
+
+
+@dataclass(frozen=True)
+class QcParams:
+    """QC thresholds (data: every report records them). Blur thresholds are scanner-dependent: calibrate."""
+
+    tile_px: int = 224
+    tile_mpp: float = 0.5
+    block_tiles: int = 8
+    min_tile_tissue: float = 0.5  # a tile is kept when its tissue ratio is above this
+    candidate_mask_fraction: float = 0.05  # tiles the low-resolution mask covers less than this: background
+    blur_threshold: float = 60.0  # variance of the Laplacian (grey 0–255) at tile_mpp below which a tile is blurry
+    max_blur_ratio: float = 0.5  # fail the slide above this share of blurry tissue tiles
+    warn_blur_ratio: float = 0.2
+    min_tissue_mm2: float = 0.05  # warn under this much kept tissue
+    stain_check: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TileQc:
+    """Per-tile results on the grid, as small arrays (a 100 000² px slide has ≈ 50 000 tiles)."""
+
+    grid: TileGrid
+    status: np.ndarray  # uint8 (rows, cols): BACKGROUND, LOW_TISSUE, BLURRY, KEPT
+    tissue_ratio: np.ndarray  # float32 (rows, cols); NaN where not read
+    laplacian_var: np.ndarray  # float32 (rows, cols); NaN where not measured
+    samples: list[np.ndarray] = field(default_factory=list)  # stain pixel samples from kept tiles
+
+    @classmethod
+    def empty(cls, grid: TileGrid) -> "TileQc":
+        shape = (grid.rows, grid.cols)
+        return cls(grid, np.zeros(shape, np.uint8), np.full(shape, np.nan, np.float32),
+                   np.full(shape, np.nan, np.float32))
+
+    def counts(self) -> dict[str, int]:
+        values = np.bincount(self.status.ravel(), minlength=4)
+        return {STATUS_NAMES[i]: int(values[i]) for i in range(4)}
+
+    def add(self, block: Block, ratio: np.ndarray, lap: np.ndarray, status: np.ndarray,
+            sample: np.ndarray | None) -> None:
+        sl = (slice(block.row, block.row + block.n_rows), slice(block.col, block.col + block.n_cols))
+        read = status != BACKGROUND
+        self.tissue_ratio[sl] = np.where(read, ratio, self.tissue_ratio[sl])
+        self.laplacian_var[sl] = np.where(read, lap, self.laplacian_var[sl])
+        self.status[sl] = np.where(read, status, self.status[sl])
+        if sample is not None and len(sample) and sum(len(s) for s in self.samples) < _SAMPLE_MAX:
+            self.samples.append(sample)
+
+
+def measure_block(pixels: np.ndarray, block: Block, tile_px: int, candidates: np.ndarray,
+                  saturation_threshold: int, grey_threshold: float, params: QcParams
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Tissue ratio, variance of the Laplacian and status of each tile of a block (vectorised).
+
+    ``pixels`` is the block at the grid's resolution ((n_rows·tile_px, n_cols·tile_px, 3));
+    ``candidates`` says which tiles of the block the tissue mask proposed (the others stay background).
+    """
+    nr, nc, t = block.n_rows, block.n_cols, tile_px
+    grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_32F)
+    tiles = lap.reshape(nr, t, nc, t)
+    mean = tiles.mean(axis=(1, 3), dtype=np.float64)
+    var = (np.square(tiles, dtype=np.float32).mean(axis=(1, 3), dtype=np.float64) - mean * mean).astype(np.float32)
+    q = max(1, t // 4)
+    small = cv2.resize(pixels, (nc * q, nr * q), interpolation=cv2.INTER_AREA)
+    sat = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 1]
+    small_grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    tissue = (sat > saturation_threshold) | (small_grey < grey_threshold)
+    ratio = tissue.reshape(nr, q, nc, q).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    status = np.full((nr, nc), BACKGROUND, np.uint8)
+    status[candidates] = LOW_TISSUE
+    tissue_tiles = candidates & (ratio > params.min_tile_tissue)
+    status[tissue_tiles & (var < params.blur_threshold)] = BLURRY
+    status[tissue_tiles & (var >= params.blur_threshold)] = KEPT
+    sample = None
+    if params.stain_check and (status == KEPT).any():
+        # a fixed pattern of pixels in each kept tile, tissue pixels only: deterministic
+        idx = (np.arange(_SAMPLE_PER_TILE) * 7919) % (t * t)
+        ys, xs = idx // t, idx % t
+        parts = []
+        for r, c in zip(*np.nonzero(status == KEPT)):
+            px = pixels[r * t + ys, c * t + xs]
+            g = grey[r * t + ys, c * t + xs]
+            parts.append(px[g < grey_threshold])
+        sample = np.concatenate(parts) if parts else None
+    return ratio, var, status, sample
+
+
+@dataclass(frozen=True)
+class SlideQc:
+    """The slide-level QC figures and the decision."""
+
+    status: str  # pass | warn | fail | empty
+    tissue_ratio: float  # tissue mask area / slide area
+    tissue_area_mm2: float | None
+    kept_tissue_mm2: float | None
+    blur_ratio: float | None
+    focus_score: float | None  # median variance of the Laplacian over tissue tiles
+    stain: StainEstimate | None
+    warnings: tuple[str, ...]
+    reason: str | None  # why the slide failed or is empty
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "tissue_ratio": self.tissue_ratio, "tissue_area_mm2": self.tissue_area_mm2,
+                "kept_tissue_mm2": self.kept_tissue_mm2, "blur_ratio": self.blur_ratio,
+                "focus_score": self.focus_score, "stain": self.stain.to_json() if self.stain else None,
+                "warnings": list(self.warnings), "reason": self.reason}
+
+
+def decide(tiles: TileQc, mask_tissue_ratio: float, slide_area_mm2: float | None, params: QcParams,
+           extra_warnings: list[str] | None = None) -> SlideQc:
+    """Slide-level QC from the tile results: figures, warnings and pass/warn/fail/empty."""
+    counts = tiles.counts()
+    warnings = list(extra_warnings or [])
+    tissue_tiles = counts["kept"] + counts["blurry"]
+    area = tiles.grid.tile_area_mm2
+    tissue_area = round(mask_tissue_ratio * slide_area_mm2, 4) if slide_area_mm2 else None
+    if tissue_tiles == 0:
+        reason = ("no tissue found: the tissue mask is empty" if mask_tissue_ratio == 0 else
+                  f"no tile has more than {params.min_tile_tissue:.0%} tissue "
+                  f"(tissue mask covers {mask_tissue_ratio:.1%} of the slide)")
+        return SlideQc("empty", round(mask_tissue_ratio, 5), tissue_area, 0.0, None, None, None,
+                       tuple(warnings), reason)
+    blur_ratio = round(counts["blurry"] / tissue_tiles, 4)
+    lap = tiles.laplacian_var[(tiles.status == KEPT) | (tiles.status == BLURRY)]
+    focus = round(float(np.median(lap)), 2)
+    stain = None
+    if params.stain_check and tiles.samples:
+        stain = estimate_stains(np.concatenate(tiles.samples)[:_SAMPLE_MAX])
+        if stain.looks_like_he is False:
+            closer = " (the second stain is closer to DAB: an IHC slide?)" if (
+                stain.dab_angle_deg is not None and stain.eosin_angle_deg is not None
+                and stain.dab_angle_deg < stain.eosin_angle_deg) else ""
+            warnings.append(f"the stain does not look like H&E: stain vectors are {stain.hematoxylin_angle_deg}° "
+                            f"and {stain.eosin_angle_deg}° from hematoxylin and eosin{closer}")
+        elif stain.looks_like_he is None:
+            warnings.append("too few stained pixels to check the stain")
+    kept_mm2 = round(counts["kept"] * area, 4)
+    if kept_mm2 < params.min_tissue_mm2:
+        warnings.append(f"little usable tissue: {kept_mm2} mm² in {counts['kept']} tile(s)")
+    if blur_ratio > params.max_blur_ratio:
+        reason = (f"{blur_ratio:.0%} of the tissue tiles are out of focus (variance of the Laplacian under "
+                  f"{params.blur_threshold:g}; limit {params.max_blur_ratio:.0%})")
+        return SlideQc("fail", round(mask_tissue_ratio, 5), tissue_area, kept_mm2, blur_ratio, focus, stain,
+                       tuple(warnings), reason)
+    if blur_ratio > params.warn_blur_ratio:
+        warnings.append(f"{blur_ratio:.0%} of the tissue tiles are out of focus and were left out")
+    return SlideQc("warn" if warnings else "pass", round(mask_tissue_ratio, 5), tissue_area, kept_mm2, blur_ratio,
+                   focus, stain, tuple(warnings), None)
+
+
+def tile_state(tiles: TileQc) -> dict:
+    """The tile grid and statuses as compact JSON (zlib + base64), so a later stage can use them."""
+    import base64
+    import zlib
+
+    return {"grid": {"width": tiles.grid.width, "height": tiles.grid.height, "tile_px": tiles.grid.tile_px,
+                     "step": tiles.grid.step, "mpp": tiles.grid.mpp},
+            "status": base64.b64encode(zlib.compress(tiles.status.tobytes(), 6)).decode("ascii")}
+
+
+def tiles_from_state(state: dict) -> TileQc:
+    """The inverse of :func:`tile_state` (statuses only; per-tile measures are not carried)."""
+    import base64
+    import zlib
+
+    g = state["grid"]
+    grid = TileGrid(int(g["width"]), int(g["height"]), int(g["tile_px"]), float(g["step"]), float(g["mpp"]))
+    tiles = TileQc.empty(grid)
+    status = np.frombuffer(zlib.decompress(base64.b64decode(state["status"])), np.uint8)
+    tiles.status[...] = status.reshape(grid.rows, grid.cols)
+    return tiles
