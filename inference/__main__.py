@@ -79,6 +79,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.stopping = threading.Event()
         self.long_poll = 2.0  # seconds the server may hold a claim open waiting for a job
+        self._slides = None  # whole-slide jobs (inference/pathology/worker.py), set up on first use
 
     def claim(self) -> dict | None:
         r = self.client.post_json("/ai/worker/claim", {"worker": self.worker_id, "models": sorted(self.manifests),
@@ -102,12 +103,24 @@ class Worker:
                 self.stopping.wait(min(5.0, self.poll_seconds * 3))
                 continue
             if claimed is None:
+                self.poll_slides()  # whole-slide jobs run when no radiology job waits
                 if once:
                     return
                 continue  # the claim itself waited (long poll)
             self.process(claimed)
             if once:
                 return
+
+    def poll_slides(self) -> bool:
+        """Claim and run one whole-slide stage (``inference/pathology/worker.py``); False when none waits."""
+        if self._slides is None:
+            try:
+                from inference.pathology.worker import SlideWorker
+                self._slides = SlideWorker(self.client, self.worker_id)
+            except ImportError as exc:  # the slide readers are optional for a radiology-only worker
+                log.warning("whole-slide jobs disabled: %s", exc)
+                self._slides = False
+        return bool(self._slides) and self._slides.poll()
 
     def process(self, claimed: dict) -> None:
         job, lease = claimed["job"], claimed["lease"]
