@@ -28,6 +28,8 @@ class OrthancReader(Protocol):
 
     def lookup_study(self, study_instance_uid: str) -> str | None: ...
 
+    def delete_study(self, orthanc_study_id: str) -> None: ...
+
 
 class RequestError(Exception):
     status = 400
@@ -235,6 +237,20 @@ class Dispatcher:
             raise RequestError("this study was already processed by this model; send {\"force\": true} to re-run",
                                status=409, payload={"jobs": [j["id"] for j in conflicts]})
         return created
+
+    def delete_study(self, study_instance_uid: str, *, user: str) -> dict:
+        """``DELETE /ai/studies/{uid}``: cancel the study's active jobs, audit who deleted it, delete it."""
+        orthanc_study_id = self.orthanc.lookup_study(study_instance_uid)
+        if orthanc_study_id is None:
+            raise RequestError(f"no study with StudyInstanceUID {study_instance_uid} in Orthanc", status=404)
+        cancelled = []
+        for job in self.store.list(study_instance_uid=study_instance_uid, limit=1000):
+            if job["state"] in J.ACTIVE:
+                cancelled.append(self.store.cancel(job["id"], actor=user, reason="the study was deleted")["id"])
+        self.store.audit_event("study-deleted", study_instance_uid=study_instance_uid, actor=user,
+                               detail=f"cancelled jobs: {', '.join(cancelled) or 'none'}")
+        self.orthanc.delete_study(orthanc_study_id)
+        return {"deleted": study_instance_uid, "cancelled_jobs": cancelled}
 
     def _create(self, study_uid: str, orthanc_study_id: str, series: SeriesInfo, manifest: object,
                 trigger: str, actor: str, *, priority: int = 0, destinations: tuple[str, ...] = ()) -> dict:

@@ -371,6 +371,13 @@ class JobStore:
             self._on_transition(updated, job["state"], new_state, actor)
         return updated
 
+    def audit_event(self, event: str, *, study_instance_uid: str, actor: str, detail: str = "") -> None:
+        """An audit entry that is not a job transition (a study deleted by a user, say)."""
+        with self._lock:
+            self.db["audit"].insert({"ts": _now_iso(), "job_id": None, "study_instance_uid": study_instance_uid,
+                                     "event": event, "from_state": None, "to_state": None, "actor": actor,
+                                     "detail": detail[:1000]})
+
     def _log(self, job: dict, event: str, old: str | None, new: str, actor: str, detail: str) -> None:
         self.db["audit"].insert({"ts": _now_iso(), "job_id": job["id"],
                                  "study_instance_uid": job["study_instance_uid"], "event": event,

@@ -71,6 +71,9 @@ class _RestReader:
             return None
         return found or None
 
+    def delete_study(self, orthanc_study_id: str) -> None:
+        orthanc.RestApiDelete(f"/studies/{orthanc_study_id}")
+
 
 def _forward(destination, resources: list[str]) -> None:
     """Send Orthanc instances to a destination through Orthanc itself (raises on failure)."""

@@ -90,6 +90,7 @@ class Api:
             ("POST", re.compile(rf"jobs/({_ID})/cancel"), self.cancel_job),
             ("POST", re.compile(rf"studies/({_UID})/segment"), self.segment_study),
             ("GET", re.compile(rf"studies/({_UID})/jobs"), self.study_jobs),
+            ("DELETE", re.compile(rf"studies/({_UID})"), self.delete_study),
             ("POST", re.compile(r"rules/dry-run"), self.dry_run),
             ("GET", re.compile(r"rules"), self.list_rules),
             ("POST", re.compile(r"worker/claim"), self.claim),
@@ -169,6 +170,9 @@ class Api:
         created = self.dispatcher.request_segmentation(study_uid, model_id=model, force=force, user=request.user)
         views = [self.view(j) for j in created]
         return 202, {**views[0], "jobs": views}
+
+    def delete_study(self, request: Request, study_uid: str) -> Response:
+        return 200, self.dispatcher.delete_study(study_uid, user=request.user)
 
     def study_jobs(self, request: Request, study_uid: str) -> Response:
         return 200, {"jobs": [self.view(j) for j in self.store.list(study_instance_uid=study_uid, limit=1000)]}

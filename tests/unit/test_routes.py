@@ -195,3 +195,15 @@ def test_claim_long_poll_returns_as_soon_as_a_job_is_queued(api):
     assert call(api, "POST", "worker/claim", {"worker": "w", "wait": 0.3})[0] == 204
     assert 0.25 < time.time() - t0 < 2
     assert call(api, "POST", "worker/claim", {"worker": "w", "wait": -1})[0] == 400
+
+
+def test_delete_study_cancels_jobs_and_audits(api):
+    deleted = []
+    api.dispatcher.orthanc.delete_study = deleted.append
+    status, job = call(api, "POST", f"studies/{STUDY_UID}/segment", {})
+    status, body = call(api, "DELETE", f"studies/{STUDY_UID}", user="dr-house")
+    assert status == 200 and body["cancelled_jobs"] == [job["id"]] and deleted == ["st"]
+    assert api.store.get(job["id"])["state"] == "cancelled"
+    entry = [a for a in api.store.audit() if a["event"] == "study-deleted"][0]
+    assert entry["actor"] == "dr-house" and entry["study_instance_uid"] == STUDY_UID
+    assert call(api, "DELETE", "studies/1.2.3.4")[0] == 404
