@@ -27,6 +27,10 @@ from inference.volume import VolumeError
 log = logging.getLogger("inference.worker")
 
 
+class ModelMismatch(Exception):
+    """This worker's copy of a model is not the one the plugin approved: never run it."""
+
+
 class Heartbeat:
     """Renews the lease of the running job in the background and relays progress and cancellation."""
 
@@ -133,6 +137,11 @@ class Worker:
             ctx = JobContext(report=hb.report, cancelled=hb.cancel.is_set)
             try:
                 manifest = self.manifests[job["model_id"]]
+                expected = (claimed.get("model") or {}).get("sha256")
+                if expected and manifest.sha256 and expected != manifest.sha256:
+                    raise ModelMismatch(
+                        f"the copy of model '{manifest.id}' on worker {self.worker_id} (sha256 {manifest.sha256[:12]}…) "
+                        f"differs from the one Orthanc approved ({expected[:12]}…); install the same version on every worker")
                 model = load_model(manifest)
                 outputs = run_segmentation(self.client, job["orthanc_series_id"], model, ctx,
                                            min_slices=int(manifest.params.get("min_slices", 3)),
