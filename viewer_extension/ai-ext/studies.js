@@ -5,7 +5,7 @@
  * OHIF's "reject" is specific to dcm4chee.
  */
 
-import { formatDate, formatName, lookupStudy, orthanc, routerPath } from './api.js';
+import { ai, formatDate, formatName, lookupStudy, orthanc, routerPath } from './api.js';
 import { announce, ohif, studyUIDsInUrl } from './context.js';
 import { getHostReact } from './host-react.js';
 
@@ -52,7 +52,8 @@ export async function deleteStudy(options = {}) {
     return false;
   }
   try {
-    await orthanc('DELETE', `studies/${id}`);
+    // through our route: it cancels the study's running jobs and records who deleted it in the audit trail
+    await ai('DELETE', `studies/${uid}`);
   } catch (error) {
     notify(`The study was not deleted: ${error.message}`, 'error');
     return false;
