@@ -1428,8 +1428,8 @@ class FollowUp:
         self.store.put_report(report, orthanc_instance_id=orthanc_instance_id, orthanc_series_id=orthanc_series_id,
                               orthanc_study_id=orthanc_study_id, source_series_uid=source,
                               frame_of_reference_uid=for_, volume_centre=centre)
-        log.info("follow-up: SR %s of patient %s, study %s: %d lesion(s)", report.sop_instance_uid,
-                 report.patient_id, report.study_instance_uid, len(report.lesions))
+        log.info("follow-up: SR %s of study %s: %d lesion(s)", report.sop_instance_uid,  # no PatientID: PHI
+                 report.study_instance_uid, len(report.lesions))
         return "ingested"
 
     def _lookup(self, uid: str, level: str) -> str | None:
@@ -1559,8 +1559,8 @@ class FollowUp:
                                             [j["id"] for j in jobs])
             queued.append(uid)
         if queued:
-            log.warning("follow-up: %d earlier unmeasured stud(y/ies) of patient %s queued, oldest first",
-                        len(queued), patient_id)
+            log.warning("follow-up: %d earlier unmeasured stud(y/ies) of the patient queued, oldest first",
+                        len(queued))
         return queued
 
     def _routable(self, orthanc_study_id: str) -> bool:
