@@ -107,8 +107,21 @@ def write_results(volume: Volume, labels: np.ndarray, model: SegmentationModel,
     pdf = write_pdf_report(volume, labels, findings, info, series_instance_uid=series, sop_instance_uid=sop,
                            language=report.language, template_dir=report.template_directory,
                            comparison=(comparison or {}).get("comparison") or None,
-                           response=((comparison or {}).get("response") or {}).get("text"))
+                           response=response_line(comparison))
     return [seg, rtstruct, sr, pdf]
+
+
+def response_line(answer: dict | None) -> str | None:
+    """The overall response with the sum of longest diameters it rests on, for the report."""
+    if not answer:
+        return None
+    text = (answer.get("response") or {}).get("text") or ""
+    total = answer.get("sum_of_longest_diameters") or {}
+    if total.get("prior_mm") is not None and total.get("current_mm") is not None:
+        change = total.get("change_percent")
+        text += (f" Sum of longest diameters {total['prior_mm']:.1f} → {total['current_mm']:.1f} mm"
+                 + (f" ({change:+.0f} %)." if isinstance(change, (int, float)) else "."))
+    return text.strip() or None
 
 
 def comparison_sentences(answer: dict | None) -> list[str]:
@@ -123,7 +136,7 @@ def comparison_sentences(answer: dict | None) -> list[str]:
         out.append(f"{item.get('tracking_id', 'Lesion')}: {item.get('status', '')}, volume "
                    f"{item.get('prior_volume_ml', '—')} → {item.get('current_volume_ml', '—')} ml"
                    + (f" ({change:+.0f} %)" if isinstance(change, (int, float)) else "") + ".")
-    text = ((answer.get("response") or {}).get("text"))
+    text = response_line(answer)
     if text:
         out.append(text)
     return out

@@ -714,8 +714,9 @@ def _comparison_section(strings: Mapping[str, Any], comparison: Sequence[Mapping
     decimal = strings["decimal_separator"]
     statuses = strings.get("status_values", {})
     if comparison:
-        head = [Paragraph(_text(strings[key]), styles["head" if i in (0, 4) else "head_right"]) for i, key in enumerate(
-            ("lesion", "prior_volume_ml", "current_volume_ml", "change_percent", "status")
+        head = [Paragraph(_text(strings[key]), styles["head" if i in (0, 6) else "head_right"]) for i, key in enumerate(
+            ("lesion", "prior_volume_ml", "current_volume_ml", "change_percent", "prior_longest_mm",
+             "current_longest_mm", "status")
         )]
         data: list[list[Any]] = [head]
         for item in comparison:
@@ -725,9 +726,11 @@ def _comparison_section(strings: Mapping[str, Any], comparison: Sequence[Mapping
                 Paragraph(_number(item.get("prior_volume_ml"), 2, decimal, missing), styles["cell_right"]),
                 Paragraph(_number(item.get("current_volume_ml"), 2, decimal, missing), styles["cell_right"]),
                 Paragraph(_number(item.get("change_percent"), 1, decimal, missing, signed=True), styles["cell_right"]),
+                Paragraph(_number(item.get("prior_longest_diameter_mm"), 1, decimal, missing), styles["cell_right"]),
+                Paragraph(_number(item.get("current_longest_diameter_mm"), 1, decimal, missing), styles["cell_right"]),
                 Paragraph(_text(statuses.get(status.lower(), status) or missing), styles["cell"]),
             ])
-        story.append(_grid(data, [w * _FRAME_WIDTH for w in (0.24, 0.19, 0.19, 0.16, 0.22)], palette))
+        story.append(_grid(data, [w * _FRAME_WIDTH for w in (0.17, 0.13, 0.13, 0.12, 0.13, 0.13, 0.19)], palette))
     if response:
         story += [Spacer(1, 2 * mm),
                   Paragraph(f"<b>{_text(strings['response'])}:</b> {_text(response)}", styles["body"])]

@@ -276,11 +276,13 @@ def test_comparison_sentences_are_stored_as_comments(brain, findings, seg, tmp_p
     answer = {"prior": {"date": "20250101", "study_instance_uid": "1.2.3"},
               "comparison": [{"tracking_id": "Lesion 1", "status": "increased", "prior_volume_ml": 1.2,
                               "current_volume_ml": 2.4, "change_percent": 100.0}],
-              "response": {"text": "Progressive disease (computed, to be confirmed by the physician)"}}
+              "response": {"text": "Progressive disease (computed, to be confirmed by the physician)"},
+              "sum_of_longest_diameters": {"prior_mm": 20.0, "current_mm": 26.0, "change_percent": 30.0}}
     sentences = comparison_sentences(answer)
     assert sentences[0].startswith("Comparison with the study of 20250101")
     assert "Lesion 1: increased, volume 1.2 → 2.4 ml (+100 %)." in sentences
     assert sentences[-1].startswith("Progressive disease")
+    assert sentences[-1].endswith("Sum of longest diameters 20.0 → 26.0 mm (+30 %).")
     assert comparison_sentences(None) == []
     ds = _write(brain, findings, seg, tmp_path / "sr.dcm", comparison=sentences)
     texts = [item.TextValue for item in _items(ds) if "TextValue" in item]
