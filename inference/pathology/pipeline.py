@@ -169,13 +169,18 @@ def qc_tiles(slide: Slide, mpp: float, mask: np.ndarray, scale_x: float, scale_y
     grey_threshold = float(mask_info["glass_grey_level"]) - settings.tissue.glass_margin
     t = params.tile_px
 
-    def measure(block):
+    every = max(1, len(blocks) // 48)  # stain pixels from ≈ 48 blocks spread over the slide: enough, and cheap
+
+    def measure(item):
+        i, block = item
         x0, y0 = grid.origin(block.row, block.col)
         pixels = reader.read(x0, y0, block.n_cols * t, block.n_rows * t)
         sub = candidates[block.row:block.row + block.n_rows, block.col:block.col + block.n_cols]
-        return block, Q.measure_block(pixels, block, t, sub, sat_threshold, grey_threshold, params)
+        return block, Q.measure_block(pixels, block, t, sub, sat_threshold, grey_threshold, params,
+                                      sample=i % every == 0)
 
-    for i, (block, (ratio, lap, status, sample)) in enumerate(ordered_map(measure, blocks, settings.workers)):
+    for i, (block, (ratio, lap, status, sample)) in enumerate(ordered_map(measure, enumerate(blocks),
+                                                                          settings.workers)):
         tiles.add(block, ratio, lap, status, sample)
         if i % 8 == 0:
             progress((i + 1) / max(1, len(blocks)))

@@ -92,9 +92,14 @@ def _render(x0: int, y0: int, w: int, h: int, scale: float, width: int, height: 
 
 
 def write_synthetic_slide(path: Path | str, width: int, height: int | None = None, *, mpp: float | None = 0.25,
-                          levels: int | None = None, empty: bool = False, seed: int = 0, quality: int = 85) -> Path:
-    """Write a pyramidal tiled TIFF; ``mpp=None`` writes no resolution (a slide without pixel size)."""
+                          levels: int | None = None, empty: bool = False, seed: int = 0, quality: int = 85,
+                          workers: int = 1) -> Path:
+    """Write a pyramidal tiled TIFF; ``mpp=None`` writes no resolution (a slide without pixel size).
+
+    ``workers`` threads render and encode tiles (a 40 000² px slide takes minutes on one core)."""
     import tifffile
+
+    from inference.pathology.tiling import ordered_map
 
     height = height or width
     path = Path(path)
@@ -110,9 +115,10 @@ def write_synthetic_slide(path: Path | str, width: int, height: int | None = Non
     def tiles(level: int) -> Iterator[np.ndarray]:
         scale = 2 ** level
         lw, lh = math.ceil(width / scale), math.ceil(height / scale)
-        for ty in range(0, lh, TILE):
-            for tx in range(0, lw, TILE):
-                yield to_ycbcr(_render(tx, ty, TILE, TILE, scale, width, height, blobs, noise, seed, empty))
+        origins = [(tx, ty) for ty in range(0, lh, TILE) for tx in range(0, lw, TILE)]
+        yield from ordered_map(lambda o: to_ycbcr(_render(o[0], o[1], TILE, TILE, scale, width, height, blobs, noise,
+                                                          seed, empty)), origins, workers=workers,
+                               in_flight=4 * workers)
 
     options = dict(tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality}, photometric="ycbcr",
                    subsampling=(2, 2), dtype=np.uint8)
@@ -122,6 +128,6 @@ def write_synthetic_slide(path: Path | str, width: int, height: int | None = Non
         for level in range(levels):
             scale = 2 ** level
             shape = (math.ceil(height / scale), math.ceil(width / scale), 3)
-            tif.write(tiles(level), shape=shape, subfiletype=1 if level else 0,
-                      metadata=None if level == 0 else None, **options)
+            tif.write(tiles(level), shape=shape, subfiletype=1 if level else 0, metadata=None,
+                      maxworkers=workers, **options)
     return path
