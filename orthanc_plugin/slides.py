@@ -317,7 +317,7 @@ class SlideStore:
                 back = PENDING if row["state"] == QC else QUEUED
                 if row["attempts"] < row["max_attempts"]:
                     out.append(self.transition(row["id"], back, actor="supervisor", worker=None,
-                                               error=f"retrying: its worker stopped answering (lease expired)",
+                                               error="retrying: its worker stopped answering (lease expired)",
                                                message="waiting for a worker"))
                 else:
                     out.append(self.transition(row["id"], FAILED, actor="supervisor", finished_at=now,
