@@ -55,6 +55,7 @@ bench: deps venv
 	$(VENV)/bin/python -m tests.bench.bench_results
 	$(VENV)/bin/python -m tests.bench.eval_brain_lesion
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_load 20 4
+	nice -n 10 $(VENV)/bin/python -m tests.bench.bench_wsi
 
 clean:
 	rm -rf var .pytest_cache

@@ -80,7 +80,7 @@ _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "R
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
           "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox",
           "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours", "WorkerRestartMaxBackoffSeconds",
-          "Priors"}
+          "Priors", "Pathology"}  # Pathology is validated by orthanc_plugin/slides.py
 REPORT_LANGUAGES = ("en", "fr")
 
 
