@@ -10,9 +10,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orthanc_plugin.rules import Rule, RuleError, parse_rules
+
+if TYPE_CHECKING:
+    from orthanc_plugin.priors import PriorsSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

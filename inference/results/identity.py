@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID
+
+if TYPE_CHECKING:
+    from inference.models.base import ModelInfo, SegmentDescription
+    from inference.volume import Volume
 
 MANUFACTURER = "Orthanc AI"
 """Manufacturer (0008,0070) of every object we write, and of our Contributing Equipment item."""
@@ -40,3 +48,38 @@ def series_description(name: str, *, demonstration: bool = False) -> str:
     if demonstration and not text.upper().startswith("DEMO "):
         text = f"DEMO {text}"
     return f"{SERIES_DESCRIPTION_PREFIX}{text}".rstrip()[:64]
+
+
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
+"""(109102, DCM) Purpose of Reference of the Contributing Equipment item that names the model."""
+
+
+def lo(text: str, length: int = 64) -> str:
+    """A value fit for a LO/SH-like string: one line, at most ``length`` characters."""
+    return " ".join(str(text).split())[:length]
+
+
+def contribution_description(model: ModelInfo, what: str) -> str:
+    """Contribution Description (ST, 1024 chars): what the model did, what it is, trained on, how good."""
+    parts = [f"{what} by {model.name} {model.version} ({model.id})."]
+    if model.demonstration:
+        parts.append("Demonstration model, not for diagnosis.")
+    parts += [text.strip() for text in (model.description, model.trained_on, model.accuracy) if text.strip()]
+    return " ".join(parts)[:1024]
+
+
+def check_label_map(volume: Volume, labels: np.ndarray, segments: Sequence[SegmentDescription], what: str) -> None:
+    """Every writer's rule for a label map: integers on the volume grid, distinct positive labels, every
+    value described by a segment."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"Label map must hold integers (uint8 labels), got {labels.dtype}.")
+    if labels.shape != volume.array.shape:
+        raise ValueError(f"Label map shape {labels.shape} differs from the volume shape {volume.array.shape}.")
+    if not segments:
+        raise ValueError(f"{what} needs at least one segment description.")
+    label_values = [segment.label for segment in segments]
+    if len(set(label_values)) != len(label_values) or min(label_values) < 1:
+        raise ValueError(f"Segment labels must be distinct positive integers, got {label_values}.")
+    undescribed = sorted(set(np.unique(labels).tolist()) - {0, *label_values})
+    if undescribed:
+        raise ValueError(f"Label map holds values {undescribed} that no segment description covers.")

@@ -23,7 +23,6 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTStructureSetStorage
 from pydicom.valuerep import PersonName
 from skimage.draw import polygon as _polygon_pixels
@@ -31,14 +30,15 @@ from skimage.measure import find_contours
 
 from inference import __version__
 from inference.models.base import Code, ModelInfo, SegmentDescription
-from inference.results.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, series_description as _series_description
+from inference.results.identity import (
+    DEVICE_SERIAL_NUMBER, MANUFACTURER, PROCESSING_EQUIPMENT, check_label_map, contribution_description,
+    series_description as _series_description)
 from inference.volume import Volume
 
 __all__ = ["Contour", "ROI", "contours_to_mask", "read_rois", "write_rt_structure_set"]
 
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 """Referenced SOP Class UID of the RT Referenced Study item (retired class, the value RT systems expect)."""
-PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # (109102, DCM) Purpose of Reference of our equipment item
 ANATOMICAL_STRUCTURE = "123037004"  # SCT Segmented Property Category → RT ROI Interpreted Type ORGAN
 CONTOUR_DATA = 0x30060050  # (3006,0050) Contour Data
 CLOSED_CONTOUR_TYPES = ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR")
@@ -95,7 +95,7 @@ def write_rt_structure_set(
     ROI numbers are 1..N in the order of ``segments``, whatever their labels. The file meta says Explicit VR
     Little Endian unless a contour is too long for a 16-bit DS length; then Implicit VR Little Endian.
     """
-    _check_labels(volume, labels, segments)
+    check_label_map(volume, labels, segments, "An RT Structure Set")
     if not volume.frame_of_reference_uid:
         raise ValueError(
             f"Series {volume.series_instance_uid} has no Frame of Reference UID; an RT Structure Set needs one "
@@ -156,22 +156,6 @@ def write_rt_structure_set(
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if _has_long_contour(ds) else ExplicitVRLittleEndian
     return ds
-
-
-def _check_labels(volume: Volume, labels: np.ndarray, segments: Sequence[SegmentDescription]) -> None:
-    """Same rules as the SEG writer: integer label map on the volume grid, every value described."""
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"Label map must hold integers (uint8 labels), got {labels.dtype}.")
-    if labels.shape != volume.array.shape:
-        raise ValueError(f"Label map shape {labels.shape} differs from the volume shape {volume.array.shape}.")
-    if not segments:
-        raise ValueError("An RT Structure Set needs at least one segment description.")
-    label_values = [segment.label for segment in segments]
-    if len(set(label_values)) != len(label_values) or min(label_values) < 1:
-        raise ValueError(f"Segment labels must be distinct positive integers, got {label_values}.")
-    undescribed = sorted(set(np.unique(labels).tolist()) - {0, *label_values})
-    if undescribed:
-        raise ValueError(f"Label map holds values {undescribed} that no segment description covers.")
 
 
 def _copy_patient_and_study(source: pydicom.Dataset, ds: pydicom.Dataset) -> None:
@@ -388,7 +372,7 @@ def _contributing_equipment(model: ModelInfo) -> pydicom.Dataset:
     item.ManufacturerModelName = _lo(model.id)
     item.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
     item.SoftwareVersions = _lo(model.version)
-    item.ContributionDescription = _contribution_description(model)
+    item.ContributionDescription = contribution_description(model, "Contours")
     return item
 
 
@@ -396,15 +380,6 @@ def _structure_set_description(model: ModelInfo) -> str:
     """Structure Set Description (ST): the model and version, and a plain warning for demonstration models."""
     text = f"Contours by {model.name} {model.version} ({model.id})."
     return f"DEMO, not for diagnosis. {text}" if model.demonstration else text
-
-
-def _contribution_description(model: ModelInfo) -> str:
-    """Contribution Description (ST, 1024 chars): what the model is, what it was trained on, how good it is."""
-    parts = [f"Contours by {model.name} {model.version} ({model.id})."]
-    if model.demonstration:
-        parts.append("Demonstration model, not for diagnosis.")
-    parts += [text.strip() for text in (model.description, model.trained_on, model.accuracy) if text.strip()]
-    return " ".join(parts)[:1024]
 
 
 def _code_item(code: Code) -> pydicom.Dataset:

@@ -16,13 +16,14 @@ from pydicom.sr.codedict import codes
 
 from inference import __version__
 from inference.models.base import Code, ModelInfo, SegmentDescription
-from inference.results.identity import DEVICE_SERIAL_NUMBER, MANUFACTURER, series_description as _series_description
+from inference.results.identity import (
+    DEVICE_SERIAL_NUMBER, MANUFACTURER, PROCESSING_EQUIPMENT, check_label_map, contribution_description,
+    lo as _lo, series_description as _series_description)
 from inference.volume import Volume
 
 __all__ = ["write_segmentation"]
 
 ARTIFICIAL_INTELLIGENCE = codes.DCM.ArtificialIntelligence  # (123110, DCM) Algorithm Family of our models
-PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # (109102, DCM) Purpose of Reference of our equipment item
 
 
 def write_segmentation(
@@ -42,18 +43,8 @@ def write_segmentation(
     ``algorithm_family`` defaults to (123110, DCM, "Artificial Intelligence"); classical methods should
     pass their own family code. Segment numbers are 1..N in the order of ``segments``, whatever their labels.
     """
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"Label map must hold integers (uint8 labels), got {labels.dtype}.")
-    if labels.shape != volume.array.shape:
-        raise ValueError(f"Label map shape {labels.shape} differs from the volume shape {volume.array.shape}.")
-    if not segments:
-        raise ValueError("A segmentation needs at least one segment description.")
+    check_label_map(volume, labels, segments, "A segmentation")
     label_values = [segment.label for segment in segments]
-    if len(set(label_values)) != len(label_values) or min(label_values) < 1:
-        raise ValueError(f"Segment labels must be distinct positive integers, got {label_values}.")
-    undescribed = sorted(set(np.unique(labels).tolist()) - {0, *label_values})
-    if undescribed:
-        raise ValueError(f"Label map holds values {undescribed} that no segment description covers.")
 
     source_images, segment_numbers = _in_source_order(volume, _segment_numbers(labels, label_values))
     family = _coded(algorithm_family) if algorithm_family else ARTIFICIAL_INTELLIGENCE
@@ -89,7 +80,7 @@ def write_segmentation(
                 manufacturer_model_name=_lo(model.id),
                 software_versions=_lo(model.version),
                 device_serial_number=DEVICE_SERIAL_NUMBER,
-                contribution_description=_contribution_description(model),
+                contribution_description=contribution_description(model, "Segmentation"),
             )
         ],
     )
@@ -152,22 +143,8 @@ def _content_description(model: ModelInfo) -> str:
     return _lo(text)
 
 
-def _contribution_description(model: ModelInfo) -> str:
-    """Contribution Description (ST, 1024 chars): what the model is, what it was trained on, how good it is."""
-    parts = [f"Segmentation by {model.name} {model.version} ({model.id})."]
-    if model.demonstration:
-        parts.append("Demonstration model, not for diagnosis.")
-    parts += [text.strip() for text in (model.description, model.trained_on, model.accuracy) if text.strip()]
-    return " ".join(parts)[:1024]
-
-
 def _coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=_lo(code.meaning))
-
-
-def _lo(text: str) -> str:
-    """A value fit for a LO/SH-like string: one line, at most 64 characters."""
-    return " ".join(str(text).split())[:64]
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ from inference import __version__
 from inference.models.base import Code, ModelInfo
 from inference.results.findings import Finding
 from inference.results.identity import (
+    PROCESSING_EQUIPMENT,
+    contribution_description,
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     derived_uid,
     series_description as _series_description,
 )
-from inference.results.seg import PROCESSING_EQUIPMENT
 from inference.volume import Volume
 
 __all__ = ["read_measurement_report", "write_measurement_report"]
@@ -133,7 +134,7 @@ def write_measurement_report(
                 manufacturer_model_name=_lo(model.id),
                 software_versions=_lo(model.version),
                 device_serial_number=DEVICE_SERIAL_NUMBER,
-                contribution_description=_contribution_description(model),
+                contribution_description=contribution_description(model, "Measurements of findings segmented"),
             )
         ],
     )
@@ -364,15 +365,6 @@ def _intensity_unit(volume: Volume) -> CodedConcept:
     if modality == "PT" and str(source.get("Units", "")).upper() == "BQML":
         return CodedConcept.from_code(codes.UCUM.BecquerelsPerMilliliter)  # (Bq/ml, UCUM)
     return CodedConcept.from_code(codes.UCUM.ArbitraryUnit)  # ([arb'U], UCUM): MR and other relative scales
-
-
-def _contribution_description(model: ModelInfo) -> str:
-    """Contribution Description (ST): the model, and a plain warning for demonstration models."""
-    parts = [f"Measurements of findings segmented by {model.name} {model.version} ({model.id})."]
-    if model.demonstration:
-        parts.append("Demonstration model, not for diagnosis.")
-    parts += [text.strip() for text in (model.description, model.trained_on, model.accuracy) if text.strip()]
-    return " ".join(parts)[:1024]
 
 
 def _coded(code: Code) -> CodedConcept:
