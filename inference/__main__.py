@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     user, password = os.environ.get("ORTHANC_AI_USER"), os.environ.get("ORTHANC_AI_PASSWORD")
     client = OrthancClient(args.orthanc, (user, password) if user and password else None)
-    manifests = {m.id: m for m in load_manifests([BUILTIN_MODELS_DIR, *args.models_dir])}
+    # Approval is the plugin's: it queues jobs only for approved models, and every claim carries the
+    # approved checksum, which this worker compares with its own copy before running anything.
+    directories = [BUILTIN_MODELS_DIR, *args.models_dir]
+    manifests = {m.id: m for m in load_manifests(directories, trusted=directories) if m.available}
     worker = Worker(client, args.worker_id, manifests, poll_seconds=args.poll, parent_pid=args.parent_pid)
 
     def stop(*_: object) -> None:

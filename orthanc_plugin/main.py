@@ -135,7 +135,7 @@ def _setup() -> None:
     state: dict = {}
 
     def load_models() -> dict:
-        manifests = load_manifests([BUILTIN_MODELS_DIR, *cfg.models_directories])
+        manifests = load_manifests([BUILTIN_MODELS_DIR, *cfg.models_directories], approved=cfg.approved_models)
         state["models"] = {m.id: m for m in manifests}
         return state["models"]
 

@@ -25,6 +25,8 @@ def model_info(manifest: ModelManifest) -> ModelInfo:
 
 def load_model(manifest: ModelManifest) -> SegmentationModel:
     """Import ``entry`` ("module:Class") and build it; a changed manifest (new checksum) is loaded anew."""
+    if not getattr(manifest, "available", True):
+        raise RuntimeError(f"model '{manifest.id}' is unavailable: {manifest.reason}")
     key = (manifest.id, manifest.sha256)
     with _lock:
         if key not in _cache:

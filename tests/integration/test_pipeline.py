@@ -163,3 +163,18 @@ def test_prometheus_metrics(first_run, orthanc):
     assert 'orthanc_ai_jobs{state="done",model="brain-lesion-candidates"}' in r.text
     assert 'orthanc_ai_job_stage_seconds_count{model="brain-lesion-candidates",stage="model"}' in r.text
     assert "orthanc_ai_worker_up" in r.text
+
+
+def test_our_monai_bundle_network_runs_end_to_end(first_run, brain_uids, orthanc):
+    """The built-in brain-lesion UNet is a MONAI bundle: listed, run by hand, results stored like any model's."""
+    models = {m["id"]: m for m in orthanc.get("/ai/models")["models"]}
+    unet = models["brain-lesion-unet"]
+    assert unet["kind"] == "monai_bundle" and unet["status"] == "available" and unet["demonstration"]
+    assert "brain1" in unet["accuracy"] and len(unet["sha256"]) == 64
+    r = orthanc.post(f"/ai/studies/{brain_uids[0]}/segment", {"model": "brain-lesion-unet"})
+    assert r.status_code == 202, r.text
+    job = next(j for j in orthanc.wait_jobs(brain_uids[0], 3, timeout=300) if j["id"] == r.json()["id"])
+    assert job["state"] == "done", f"{job}\n{orthanc.log()[-3000:]}"
+    assert len(job["outputs"]) == 4
+    counts = result_counts(orthanc, brain_uids[0])
+    assert counts == {"SEG": 2, "RTSTRUCT": 2, "SR": 2, "DOC": 2}  # one set per model, side by side

@@ -117,3 +117,22 @@ def test_registry_loads_and_caches_the_builtin_model(tmp_path: Path) -> None:
     write_model(tmp_path, "changed", changed)
     reloaded = load_model(load_manifests([tmp_path])[0])
     assert reloaded is not model and reloaded.params.z_threshold == 4.0
+
+
+def test_status_is_shown_and_the_builtin_demo_bundle_is_trusted() -> None:
+    manifests = {m.id: m for m in load_manifests([BUILTIN_MODELS_DIR])}
+    shown = manifests["brain-lesion-candidates"].to_json()
+    assert shown["status"] == "available" and shown["reason"] == ""
+    bundle = manifests["brain-lesion-unet"]
+    assert bundle.kind == "monai_bundle" and bundle.available and len(bundle.sha256) == 64
+
+
+def test_folders_without_a_model_are_skipped_and_torchscript_needs_its_file(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    data = {**builtin_data(), "id": "ts-model", "kind": "torchscript"}
+    del data["entry"]
+    write_model(tmp_path, "ts", data)
+    [manifest] = load_manifests([tmp_path])
+    assert manifest.entry == "inference.models.torchscript:TorchScriptModel"
+    assert manifest.status == "unavailable" and "model.ts is missing" in manifest.reason
+    assert manifest.to_json()["status"] == "unavailable"
