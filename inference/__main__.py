@@ -143,7 +143,9 @@ class Worker:
                         f"the copy of model '{manifest.id}' on worker {self.worker_id} (sha256 {manifest.sha256[:12]}…) "
                         f"differs from the one Orthanc approved ({expected[:12]}…); install the same version on every worker")
                 model = load_model(manifest)
-                outputs = run_segmentation(self.client, job["orthanc_series_id"], model, ctx,
+                channels = job.get("inputs") or []  # multi-sequence models: [[name, series id], ...]
+                series = [series_id for _, series_id in channels] if len(channels) > 1 else job["orthanc_series_id"]
+                outputs = run_segmentation(self.client, series, model, ctx,
                                            min_slices=int(manifest.params.get("min_slices", 3)),
                                            report=ReportSettings.from_claim(claimed.get("settings")))
                 outcome = {"path": "complete", "outputs": outputs}

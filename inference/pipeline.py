@@ -142,18 +142,32 @@ def comparison_sentences(answer: dict | None) -> list[str]:
     return out
 
 
-def run_segmentation(client: OrthancClient, orthanc_series_id: str, model: SegmentationModel,
+def run_segmentation(client: OrthancClient, orthanc_series_id: str | list[str], model: SegmentationModel,
                      ctx: JobContext, *, min_slices: int = 3, report: ReportSettings = ReportSettings()) -> list[str]:
-    """The whole job: returns the SOP Instance UIDs stored into the study."""
+    """The whole job: returns the SOP Instance UIDs stored into the study. Several series (one per input
+    channel of a multi-sequence model) are resampled onto the first one's grid, where the results live."""
+    series_ids = [orthanc_series_id] if isinstance(orthanc_series_id, str) else list(orthanc_series_id)
     t0 = time.perf_counter()
-    datasets = load_series(client, orthanc_series_id, ctx)
+    volumes = []
+    for n, series_id in enumerate(series_ids):
+        span = (0.3 * n / len(series_ids), 0.3 * (n + 1) / len(series_ids))
+        datasets = load_series(client, series_id, ctx, span)
+        volumes.append(build_volume(datasets, min_slices))
+        del datasets
     ctx.timings["load"] = time.perf_counter() - t0
-    volume = build_volume(datasets, min_slices)
-    del datasets
+    volume = volumes[0]
     ctx.step(0.35, f"running {model.info.id}")
     t1 = time.perf_counter()
+
+    def progress(p: float) -> None:
+        ctx.step(0.35 + 0.5 * max(0.0, min(1.0, p)), "segmenting")
     try:
-        result = model.segment(volume, lambda p: ctx.step(0.35 + 0.5 * max(0.0, min(1.0, p)), "segmenting"))
+        if len(volumes) > 1:
+            if not hasattr(model, "segment_channels"):
+                raise JobSkipped(f"{model.info.id} takes one series, but the job has {len(volumes)}")
+            result = model.segment_channels(volumes, progress)
+        else:
+            result = model.segment(volume, progress)
     except InputNotSupported as exc:
         raise JobSkipped(str(exc)) from exc
     ctx.timings["model"] = time.perf_counter() - t1

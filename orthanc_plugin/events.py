@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
@@ -49,6 +50,32 @@ class SeriesInfo:
     @property
     def fingerprint(self) -> str:
         return f"instances={self.instance_count}"
+
+
+def channel_inputs(manifest: object) -> list[dict]:
+    """The input channels a model declares (``params.inputs``); one entry for single-series models."""
+    inputs = (getattr(manifest, "params", None) or {}).get("inputs") or []
+    return [c for c in inputs if isinstance(c, dict)]
+
+
+def match_channels(manifest: object, series_list: list[SeriesInfo]) -> tuple[dict[str, SeriesInfo], list[str]]:
+    """For each declared channel, the first unused series of the study that fits it: its ``Modality``
+    (default the model's) and ``SeriesDescription`` regular expression. Returns (chosen, missing)."""
+    chosen: dict[str, SeriesInfo] = {}
+    missing = []
+    for index, channel in enumerate(channel_inputs(manifest)):
+        name = str(channel.get("name") or f"channel {index}")
+        modality = str(channel.get("Modality") or channel.get("modality") or getattr(manifest, "modality", "")).upper()
+        pattern = channel.get("SeriesDescription")
+        fits = [s for s in series_list
+                if not is_own_output(s.tags) and s not in chosen.values()
+                and (not modality or str(s.tags.get("Modality", "")).upper() == modality)
+                and (not pattern or re.search(pattern, s.tags.get("SeriesDescription", ""), re.I))]
+        if fits:
+            chosen[name] = fits[0]
+        else:
+            missing.append(f"{name} (series description matching '{pattern}')" if pattern else name)
+    return chosen, missing
 
 
 class Dispatcher:
@@ -145,11 +172,21 @@ class Dispatcher:
         study_uid = study["MainDicomTags"]["StudyInstanceUID"]
         models = self.models()
         created = []
-        for series in self.study_series(orthanc_study_id):
+        series_list = self.study_series(orthanc_study_id)
+        multi_done: set[str] = set()
+        for series in series_list:
             for model_id, priority, destinations in self.plan(series.tags):
                 manifest = models.get(model_id)
                 if manifest is None:
                     log.warning("rule names model '%s', which is not installed; series skipped", model_id)
+                    continue
+                if len(channel_inputs(manifest)) > 1:  # one job per study, with one series per channel
+                    if model_id not in multi_done:
+                        multi_done.add(model_id)
+                        job = self._multi_input_job(study_uid, orthanc_study_id, series_list, series, manifest,
+                                                    "auto", "system", priority, destinations, force=False)
+                        if job:
+                            created.append(job)
                     continue
                 existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
                                            model_id=manifest.id, model_version=manifest.version,
@@ -221,6 +258,18 @@ class Dispatcher:
             raise RequestError(f"no series of study {study_instance_uid} matches {what}")
 
         created, conflicts = [], []
+        multi = [(s, m, d) for s, m, d in pairs if len(channel_inputs(m)) > 1]
+        pairs = [(s, m, d) for s, m, d in pairs if len(channel_inputs(m)) <= 1]
+        for model in {m.id: m for _, m, _ in multi}.values():
+            anchor, _, destinations = next(p for p in multi if p[1].id == model.id)
+            job = self._multi_input_job(study_instance_uid, orthanc_study_id, series_list, anchor, model, "manual",
+                                        user, MANUAL_PRIORITY, destinations, force=force)
+            if job is None:
+                conflicts.extend(self.store.find(series_instance_uid=anchor.tags.get("SeriesInstanceUID", ""),
+                                                 model_id=model.id, model_version=model.version,
+                                                 states=J.ACTIVE | {J.DONE}))
+            else:
+                created.append(job)
         for series, manifest, destinations in pairs:
             existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
                                        model_id=manifest.id, model_version=manifest.version,
@@ -252,13 +301,42 @@ class Dispatcher:
         self.orthanc.delete_study(orthanc_study_id)
         return {"deleted": study_instance_uid, "cancelled_jobs": cancelled}
 
+    def _multi_input_job(self, study_uid: str, orthanc_study_id: str, series_list: list[SeriesInfo],
+                         anchor: SeriesInfo, manifest: object, trigger: str, actor: str, priority: int,
+                         destinations: tuple[str, ...], *, force: bool) -> dict | None:
+        """A multi-sequence model (BraTS-style T1, T1c, T2, FLAIR…): one job with a series per channel, or a
+        job skipped with the missing sequences named. None when that exact input was processed already."""
+        chosen, missing = match_channels(manifest, series_list)
+        first = next(iter(chosen.values()), anchor)
+        fingerprint = ";".join(f"{name}={s.orthanc_id}:{s.instance_count}" for name, s in chosen.items())
+        existing = self.store.find(series_instance_uid=first.tags.get("SeriesInstanceUID", ""), model_id=manifest.id,
+                                   model_version=manifest.version, input_fingerprint=fingerprint,
+                                   states=None if not force else J.ACTIVE)
+        if existing and not force:
+            return None
+        for job in existing:
+            self.store.cancel(job["id"], actor=actor, reason="superseded by a forced re-run")
+        job = self._create(study_uid, orthanc_study_id, first, manifest, trigger, actor, priority=priority,
+                           destinations=destinations, fingerprint=fingerprint,
+                           inputs=tuple((name, s.orthanc_id) for name, s in chosen.items()), hold=bool(missing))
+        if missing:
+            needed = ", ".join(str(c.get("name") or "?") for c in channel_inputs(manifest))
+            return self.store.skip(job["id"], f"this study lacks the sequence(s) {'; '.join(missing)}; "
+                                              f"{manifest.id} needs {needed}", actor=actor)
+        return job
+
     def _create(self, study_uid: str, orthanc_study_id: str, series: SeriesInfo, manifest: object,
-                trigger: str, actor: str, *, priority: int = 0, destinations: tuple[str, ...] = ()) -> dict:
+                trigger: str, actor: str, *, priority: int = 0, destinations: tuple[str, ...] = (),
+                fingerprint: str | None = None, inputs: tuple[tuple[str, str], ...] = (),
+                hold: bool = False) -> dict:
         job = self.store.create(J.NewJob(
             study_instance_uid=study_uid, orthanc_study_id=orthanc_study_id,
             series_instance_uid=series.tags.get("SeriesInstanceUID", ""), orthanc_series_id=series.orthanc_id,
-            model_id=manifest.id, model_version=manifest.version, input_fingerprint=series.fingerprint,
-            trigger=trigger, priority=priority, destinations=destinations), actor=actor)
+            model_id=manifest.id, model_version=manifest.version,
+            input_fingerprint=series.fingerprint if fingerprint is None else fingerprint,
+            trigger=trigger, priority=priority, destinations=destinations, inputs=inputs), actor=actor)
+        if hold:
+            return job  # stays pending: the caller skips it, naming the missing sequences
         if getattr(manifest, "status", "available") != "available":
             return self.store.reject(job["id"], f"model '{manifest.id}' is unavailable: {manifest.reason}", actor=actor)
         return self.store.enqueue(job["id"], actor=actor)

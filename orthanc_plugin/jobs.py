@@ -85,6 +85,7 @@ class NewJob:
     trigger: str = "auto"  # auto (routing rule) | manual (REST)
     priority: int = 0
     destinations: tuple[str, ...] = ()  # where results are forwarded (names of AI.Destinations)
+    inputs: tuple[tuple[str, str], ...] = ()  # multi-sequence models: (channel name, Orthanc series id), in order
 
 
 JOB_COLUMNS = {
@@ -94,6 +95,7 @@ JOB_COLUMNS = {
     "attempts": int, "max_attempts": int, "error": str, "outputs": str, "worker": str,
     "lease_token": str, "lease_expires": float, "created_at": str, "updated_at": str,
     "queued_at": float, "started_at": float, "finished_at": float, "timings": str,
+    "inputs": str,
 }
 
 
@@ -235,7 +237,8 @@ class JobStore:
     def create(self, new: NewJob, *, actor: str = "system") -> dict:
         """Record a job in ``pending``; :meth:`enqueue` makes it claimable."""
         now = time.time()
-        row = {**new.__dict__, "destinations": json.dumps(list(new.destinations)), "id": uuid.uuid4().hex, "state": PENDING, "progress": 0.0, "attempts": 0,
+        row = {**new.__dict__, "destinations": json.dumps(list(new.destinations)),
+               "inputs": json.dumps([list(pair) for pair in new.inputs]), "id": uuid.uuid4().hex, "state": PENDING, "progress": 0.0, "attempts": 0,
                "max_attempts": self.max_attempts, "error": "", "message": "", "outputs": "[]",
                "worker": None, "lease_token": None, "lease_expires": None,
                "created_at": _now_iso(now), "updated_at": _now_iso(now),
@@ -389,6 +392,7 @@ class JobStore:
         row["outputs"] = json.loads(row.get("outputs") or "[]")
         row["destinations"] = json.loads(row.get("destinations") or "[]")
         row["timings"] = json.loads(row.get("timings") or "{}")
+        row["inputs"] = json.loads(row.get("inputs") or "[]")
         return row
 
     def close(self) -> None:

@@ -207,3 +207,23 @@ def test_delete_study_cancels_jobs_and_audits(api):
     entry = [a for a in api.store.audit() if a["event"] == "study-deleted"][0]
     assert entry["actor"] == "dr-house" and entry["study_instance_uid"] == STUDY_UID
     assert call(api, "DELETE", "studies/1.2.3.4")[0] == 404
+
+
+def test_multi_sequence_model_gets_one_job_with_a_series_per_channel(api):
+    reader = api.dispatcher.orthanc
+    reader.series.append({"ID": "ser-flair", "Instances": ["f1", "f2", "f3"],
+                          "MainDicomTags": {"Modality": "MR", "SeriesInstanceUID": "1.2.826.0.1.1.2",
+                                            "SeriesDescription": "AX FLAIR"}})
+    brats = FakeManifest("brats", params={"inputs": [{"name": "T1", "SeriesDescription": "^t1"},
+                                                     {"name": "FLAIR", "SeriesDescription": "flair"}]})
+    api.dispatcher.models = api.models = lambda: {"brats": brats}
+    api.dispatcher.rules = tuple(parse_rules([{"Modality": "MR", "Model": "brats"}]))
+    (job,) = api.dispatcher.on_stable_study("st")  # two MR series matched the rule, still one job
+    assert job["state"] == "queued" and job["inputs"] == [["T1", "ser-mr"], ["FLAIR", "ser-flair"]]
+    assert api.dispatcher.on_stable_study("st") == []  # same inputs: nothing new
+    claimed = call(api, "POST", "worker/claim", {"worker": "w"})[1]
+    assert claimed["job"]["inputs"] == [["T1", "ser-mr"], ["FLAIR", "ser-flair"]]
+    reader.series.pop()  # a study without FLAIR
+    reader.series[0]["Instances"].append("i4")
+    (skipped,) = api.dispatcher.on_stable_study("st")
+    assert skipped["state"] == "skipped" and "FLAIR (series description matching 'flair')" in skipped["error"]
