@@ -41,6 +41,11 @@ class Viewer:
         dialog.accept() if self.accept_dialogs else dialog.dismiss()
 
     def close(self) -> None:
+        # Leave the app first: a reload it scheduled (after a delete) racing the close has hung close().
+        try:
+            self.page.goto("about:blank", timeout=10_000)
+        except Exception:  # the page may already be gone
+            pass
         self.context.close()
 
     def wait_until(self, predicate, timeout_s: float, what: str, interval_ms: int = 250):
