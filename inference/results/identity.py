@@ -68,6 +68,15 @@ def contribution_description(model: ModelInfo, what: str) -> str:
     return " ".join(parts)[:1024]
 
 
+def contributing_equipment(model: ModelInfo, what: str):
+    """The highdicom Contributing Equipment item (DCM 109102 "Processing Equipment") naming the model."""
+    import highdicom as hd  # imported here: the rest of this module stays light
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=PROCESSING_EQUIPMENT, manufacturer_model_name=lo(model.id),
+        software_versions=lo(model.version), device_serial_number=DEVICE_SERIAL_NUMBER,
+        contribution_description=contribution_description(model, what))
+
+
 def check_label_map(volume: Volume, labels: np.ndarray, segments: Sequence[SegmentDescription], what: str) -> None:
     """Every writer's rule for a label map: integers on the volume grid, distinct positive labels, every
     value described by a segment."""

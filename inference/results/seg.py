@@ -17,8 +17,8 @@ from pydicom.sr.codedict import codes
 from inference import __version__
 from inference.models.base import Code, ModelInfo, SegmentDescription
 from inference.results.identity import (
-    DEVICE_SERIAL_NUMBER, MANUFACTURER, PROCESSING_EQUIPMENT, check_label_map, contribution_description,
-    lo as _lo, series_description as _series_description)
+    DEVICE_SERIAL_NUMBER, MANUFACTURER, check_label_map, contributing_equipment, lo as _lo,
+    series_description as _series_description)
 from inference.volume import Volume
 
 __all__ = ["write_segmentation"]
@@ -73,16 +73,7 @@ def write_segmentation(
         content_description=_content_description(model),
         omit_empty_frames=False,
         series_description=description,
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=PROCESSING_EQUIPMENT,
-                manufacturer_model_name=_lo(model.id),
-                software_versions=_lo(model.version),
-                device_serial_number=DEVICE_SERIAL_NUMBER,
-                contribution_description=contribution_description(model, "Segmentation"),
-            )
-        ],
+        contributing_equipment=[contributing_equipment(model, "Segmentation")],
     )
 
 

@@ -27,8 +27,7 @@ from inference import __version__
 from inference.models.base import Code, ModelInfo
 from inference.results.findings import Finding
 from inference.results.identity import (
-    PROCESSING_EQUIPMENT,
-    contribution_description,
+    contributing_equipment,
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     derived_uid,
@@ -127,16 +126,7 @@ def write_measurement_report(
         manufacturer_model_name=_lo(model.id),
         software_versions=[_lo(f"{model.id} {model.version}"), _lo(f"orthanc-ai {__version__}")],
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=PROCESSING_EQUIPMENT,
-                manufacturer_model_name=_lo(model.id),
-                software_versions=_lo(model.version),
-                device_serial_number=DEVICE_SERIAL_NUMBER,
-                contribution_description=contribution_description(model, "Measurements of findings segmented"),
-            )
-        ],
+        contributing_equipment=[contributing_equipment(model, "Measurements of findings segmented")],
     )
 
 
