@@ -162,8 +162,13 @@ def read_segmentation(ds: pydicom.Dataset) -> list[SegmentMask]:
         out[int(item.SegmentNumber)] = SegmentMask(
             number=int(item.SegmentNumber), label=str(item.SegmentLabel),
             property_type=Code(prop.CodeValue, prop.CodingSchemeDesignator, prop.CodeMeaning), frames={})
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_segment = (shared[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber
+                      if shared and "SegmentIdentificationSequence" in shared[0] else None)
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # per frame, or once in the shared groups when every frame belongs to the same (single) segment
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+                     if "SegmentIdentificationSequence" in frame else shared_segment)
         try:
             source = frame.DerivationImageSequence[0].SourceImageSequence[0]
         except (AttributeError, IndexError):

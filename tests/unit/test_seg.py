@@ -260,3 +260,15 @@ def test_read_segmentation_round_trips_our_seg(hfs_volume, tmp_path):
     mask = masks[0]
     for k, frame in enumerate(hfs_volume.frames):
         assert np.array_equal(mask.frames[(frame.sop_instance_uid, None)] > 0.5, labels[k] == 1)
+
+
+def test_read_segmentation_of_a_single_segment_seg(hfs_volume, tmp_path):
+    """highdicom puts a lone segment's identification in the shared functional groups."""
+    from inference.results.seg import read_segmentation
+    labels = (_cube_labels(hfs_volume) == SEGMENTS[0].label).astype(np.uint8)
+    ds = write_segmentation(hfs_volume, labels, SEGMENTS[:1], MODEL, series_instance_uid=derived_uid("1", "s"),
+                            sop_instance_uid=derived_uid("1", "i"))
+    ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+    (mask,) = read_segmentation(pydicom.dcmread(tmp_path / "one.dcm"))
+    for k, frame in enumerate(hfs_volume.frames):
+        assert np.array_equal(mask.frames[(frame.sop_instance_uid, None)] > 0.5, labels[k] == 1)
