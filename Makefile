@@ -56,6 +56,7 @@ bench: deps venv
 	$(VENV)/bin/python -m tests.bench.eval_brain_lesion
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_load 20 4
 	nice -n 10 $(VENV)/bin/python -m tests.bench.bench_wsi
+	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_model_overhead
 
 clean:
 	rm -rf var .pytest_cache
