@@ -260,8 +260,11 @@ def _setup() -> None:
     api.add_routes(priors.routes())
 
     from orthanc_plugin import followup  # lesions across a patient's studies, from every TID 1500 SR
-    on_change = followup.register(orthanc, api, cfg.data_directory / "ai-followup.sqlite", dispatcher=dispatcher,
-                                  jobs=store, auto_priors=cfg.auto_trigger).chain(on_change)
+    follow_up = followup.register(orthanc, api, cfg.data_directory / "ai-followup.sqlite", dispatcher=dispatcher,
+                                  jobs=store, auto_priors=cfg.auto_trigger)
+    if cfg.auto_trigger:  # priors first: queued (at manual priority) before the new study's own job exists
+        dispatcher.study_hooks.append(lambda study: follow_up.queue_priors(study["ID"]))
+    on_change = follow_up.chain(on_change)
 
     from orthanc_plugin import slides  # whole-slide pathology: /ai/slides, inbox folder, DICOM WSI series
     on_change = slides.register(orthanc, api, cfg.job_store_path, cfg.data_directory, full.get("AI", {}).get(
