@@ -1541,7 +1541,9 @@ class FollowUp:
         except Exception:
             return []
         patient_id = study.get("PatientMainDicomTags", {}).get("PatientID", "")
-        earlier = sorted((o for o in others if o["ID"] != orthanc_study_id
+        # only stable priors: one still arriving (a C-MOVE in progress) is routed when it becomes stable,
+        # and queuing it now would create a second job once its last instances land
+        earlier = sorted((o for o in others if o["ID"] != orthanc_study_id and o.get("IsStable", True)
                           and (o.get("MainDicomTags", {}).get("StudyDate") or "99999999") < date),
                          key=lambda o: (o["MainDicomTags"].get("StudyDate", ""), o["MainDicomTags"].get("StudyTime", "")))
         queued = []
