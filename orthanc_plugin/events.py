@@ -188,13 +188,14 @@ class Dispatcher:
                         if job:
                             created.append(job)
                     continue
-                existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
-                                           model_id=manifest.id, model_version=manifest.version,
-                                           input_fingerprint=series.fingerprint)
-                if existing:  # already processed (or in progress): STABLE_STUDY fires again after our results
-                    continue
-                created.append(self._create(study_uid, orthanc_study_id, series, manifest, "auto", "system",
-                                            priority=priority, destinations=destinations))
+                with self.store.lock:  # the follow-up may queue this same study from its own thread
+                    existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
+                                               model_id=manifest.id, model_version=manifest.version,
+                                               input_fingerprint=series.fingerprint)
+                    if existing:  # already processed (or in progress): STABLE_STUDY fires again after our results
+                        continue
+                    created.append(self._create(study_uid, orthanc_study_id, series, manifest, "auto", "system",
+                                                priority=priority, destinations=destinations))
         return created
 
     def dry_run(self, rules: tuple[Rule, ...] | None = None, *, limit: int = 100, offset: int = 0) -> dict:
@@ -271,17 +272,18 @@ class Dispatcher:
             else:
                 created.append(job)
         for series, manifest, destinations in pairs:
-            existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
-                                       model_id=manifest.id, model_version=manifest.version,
-                                       states=J.ACTIVE | {J.DONE})
-            if existing and not force:
-                conflicts.extend(existing)
-                continue
-            for job in existing:
-                if job["state"] in J.ACTIVE:
-                    self.store.cancel(job["id"], actor=user, reason="superseded by a forced re-run")
-            created.append(self._create(study_instance_uid, orthanc_study_id, series, manifest, "manual", user,
-                                        priority=MANUAL_PRIORITY, destinations=destinations))
+            with self.store.lock:  # check and create in one step (routing may run in another thread)
+                existing = self.store.find(series_instance_uid=series.tags.get("SeriesInstanceUID", ""),
+                                           model_id=manifest.id, model_version=manifest.version,
+                                           states=J.ACTIVE | {J.DONE})
+                if existing and not force:
+                    conflicts.extend(existing)
+                    continue
+                for job in existing:
+                    if job["state"] in J.ACTIVE:
+                        self.store.cancel(job["id"], actor=user, reason="superseded by a forced re-run")
+                created.append(self._create(study_instance_uid, orthanc_study_id, series, manifest, "manual", user,
+                                            priority=MANUAL_PRIORITY, destinations=destinations))
         if not created:
             raise RequestError("this study was already processed by this model; send {\"force\": true} to re-run",
                                status=409, payload={"jobs": [j["id"] for j in conflicts]})
@@ -306,6 +308,13 @@ class Dispatcher:
                          destinations: tuple[str, ...], *, force: bool) -> dict | None:
         """A multi-sequence model (BraTS-style T1, T1c, T2, FLAIR…): one job with a series per channel, or a
         job skipped with the missing sequences named. None when that exact input was processed already."""
+        with self.store.lock:  # check and create in one step
+            return self._multi_input_job_locked(study_uid, orthanc_study_id, series_list, anchor, manifest, trigger,
+                                                actor, priority, destinations, force=force)
+
+    def _multi_input_job_locked(self, study_uid: str, orthanc_study_id: str, series_list: list[SeriesInfo],
+                                anchor: SeriesInfo, manifest: object, trigger: str, actor: str, priority: int,
+                                destinations: tuple[str, ...], *, force: bool) -> dict | None:
         chosen, missing = match_channels(manifest, series_list)
         first = next(iter(chosen.values()), anchor)
         fingerprint = ";".join(f"{name}={s.orthanc_id}:{s.instance_count}" for name, s in chosen.items())

@@ -116,6 +116,11 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Hold it to make a check and a create one step (two threads routing the same study)."""
+        return self._lock
+
     # -- schema --------------------------------------------------------------------------------
     def _migrate(self) -> None:
         with self._lock:

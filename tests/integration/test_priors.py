@@ -34,8 +34,10 @@ def test_new_study_brings_its_priors_which_are_processed_too(network, brain, tmp
 
     wait_for(lambda: ours.study_id(prior) and ours.study_id(older), 90, "the priors to be moved here")
     for study in (current, prior, older):
-        (job,) = ours.wait_jobs(study, timeout=240)
-        assert job["state"] == "done", job
+        jobs = ours.wait_jobs(study, timeout=240)
+        assert len(jobs) == 1, [(j["trigger"], j["state"], j["input_fingerprint"], j["created_at"], j["error"])
+                                for j in jobs]
+        assert jobs[0]["state"] == "done", jobs[0]
 
 
 def test_manual_retrieval_reports_what_is_already_here(network, brain, tmp_path):  # noqa: F811
