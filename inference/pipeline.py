@@ -178,8 +178,7 @@ def run_segmentation(client: OrthancClient, orthanc_series_id: str | list[str], 
     ctx.timings["write"] = time.perf_counter() - t2
     ctx.step(0.95, "storing results in Orthanc")
     t3 = time.perf_counter()
-    for ds in objects:
-        client.store(ds)
+    client.store_all(objects)
     ctx.timings["store"] = time.perf_counter() - t3
     return [str(ds.SOPInstanceUID) for ds in objects]
 

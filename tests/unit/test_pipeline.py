@@ -23,8 +23,8 @@ class FakeClient:
         for i, f in enumerate(files):
             yield i, len(files), pydicom.dcmread(f)
 
-    def store(self, ds):
-        self.stored.append(ds)
+    def store_all(self, datasets):
+        self.stored.extend(datasets)
 
     def post_json(self, uri, body, timeout=None):  # the follow-up comparison: nothing to compare
         class R:
