@@ -74,8 +74,15 @@ class Heartbeat:
 
 
 class Worker:
+    #: which queues a worker serves: both (a worker on another machine), or one of them (the local supervisor
+    #: runs whole-slide stages, which take minutes, in a worker of their own so radiology jobs never wait on one)
+    ROLES = ("all", "radiology", "slides")
+
     def __init__(self, client: OrthancClient, worker_id: str, manifests: dict[str, ModelManifest], *,
-                 poll_seconds: float = 1.0, parent_pid: int | None = None) -> None:
+                 poll_seconds: float = 1.0, parent_pid: int | None = None, role: str = "all") -> None:
+        if role not in self.ROLES:
+            raise ValueError(f"role must be one of {', '.join(self.ROLES)}, not {role!r}")
+        self.role = role
         self.client = client
         self.worker_id = worker_id
         self.manifests = manifests
@@ -95,11 +102,21 @@ class Worker:
         return r.json()
 
     def run_forever(self, *, once: bool = False) -> None:
-        log.info("worker %s (version %s) serving %s", self.worker_id, __version__, ", ".join(sorted(self.manifests)))
+        if self.role == "slides":
+            log.info("worker %s (version %s) serving whole-slide jobs", self.worker_id, __version__)
+        else:
+            log.info("worker %s (version %s) serving %s%s", self.worker_id, __version__,
+                     ", ".join(sorted(self.manifests)), " and whole-slide jobs" if self.role == "all" else "")
         while not self.stopping.is_set():
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.error("Orthanc (pid %d) is gone; stopping", self.parent_pid)
                 return
+            if self.role == "slides":
+                if not self.poll_slides() and not once:
+                    self.stopping.wait(self.poll_seconds)
+                if once:
+                    return
+                continue
             try:
                 claimed = self.claim()
             except OrthancUnavailable as exc:
@@ -107,7 +124,8 @@ class Worker:
                 self.stopping.wait(min(5.0, self.poll_seconds * 3))
                 continue
             if claimed is None:
-                self.poll_slides()  # whole-slide jobs run when no radiology job waits
+                if self.role == "all":
+                    self.poll_slides()  # whole-slide jobs run when no radiology job waits
                 if once:
                     return
                 continue  # the claim itself waited (long poll)
@@ -191,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for numerical libraries")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (Orthanc) is gone")
     parser.add_argument("--once", action="store_true", help="process at most one job, then exit")
+    parser.add_argument("--jobs", choices=Worker.ROLES, default="all",
+                        help="which queues to serve: radiology jobs, whole-slide jobs, or both (default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     # approved checksum, which this worker compares with its own copy before running anything.
     directories = [BUILTIN_MODELS_DIR, *args.models_dir]
     manifests = {m.id: m for m in load_manifests(directories, trusted=directories) if m.available}
-    worker = Worker(client, args.worker_id, manifests, poll_seconds=args.poll, parent_pid=args.parent_pid)
+    worker = Worker(client, args.worker_id, manifests, poll_seconds=args.poll, parent_pid=args.parent_pid,
+                    role=args.jobs)
 
     def stop(*_: object) -> None:
         worker.stopping.set()

@@ -267,8 +267,10 @@ def _setup() -> None:
     on_change = follow_up.chain(on_change)
 
     from orthanc_plugin import slides  # whole-slide pathology: /ai/slides, inbox folder, DICOM WSI series
-    on_change = slides.register(orthanc, api, cfg.job_store_path, cfg.data_directory, full.get("AI", {}).get(
-        "Pathology"), lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts).chain(on_change)
+    slide_service = slides.register(orthanc, api, cfg.job_store_path, cfg.data_directory, full.get("AI", {}).get(
+        "Pathology"), lease_seconds=cfg.lease_seconds, max_attempts=cfg.max_attempts)
+    on_change = slide_service.chain(on_change)
+    supervisor.slide_worker = slide_service.config.enabled  # slides never hold up the radiology queue
 
     orthanc.RegisterOnChangeCallback(on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", on_rest)

@@ -23,6 +23,7 @@ log = logging.getLogger("orthanc_ai.supervisor")
 @dataclass
 class WorkerProcess:
     worker_id: str
+    role: str = "all"  # all | radiology | slides (``python -m inference --jobs``)
     process: subprocess.Popen | None = None
     state: str = "starting"  # starting | running | restarting | stopped
     restarts: int = 0
@@ -33,7 +34,7 @@ class WorkerProcess:
     log_path: Path | None = None
 
     def describe(self) -> dict:
-        return {"id": self.worker_id, "state": self.state, "pid": self.process.pid if self.process else None,
+        return {"id": self.worker_id, "role": self.role, "state": self.state, "pid": self.process.pid if self.process else None,
                 "restarts": self.restarts, "last_exit_code": self.last_exit_code,
                 "uptime_seconds": round(time.time() - self.started_at, 1) if self.state == "running" else None}
 
@@ -51,13 +52,19 @@ class Supervisor:
     models_directories: tuple[Path, ...] = ()
     max_backoff: float = 30.0
     reaper_interval: float = 2.0
+    #: one more worker for whole-slide jobs only (when pathology is enabled): a slide stage takes minutes and
+    #: must not hold up the radiology queue, which the other workers then serve alone
+    slide_worker: bool = False
     workers: list[WorkerProcess] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.log_directory.mkdir(parents=True, exist_ok=True)
-        self.workers = [WorkerProcess(f"local-{os.getpid()}-{i}") for i in range(self.count)]
+        role = "radiology" if self.slide_worker else "all"
+        self.workers = [WorkerProcess(f"local-{os.getpid()}-{i}", role) for i in range(self.count)]
+        if self.slide_worker and self.count:
+            self.workers.append(WorkerProcess(f"local-{os.getpid()}-slides", "slides"))
         self._thread = threading.Thread(target=self._run, name="ai-supervisor", daemon=True)
         self._thread.start()
 
@@ -75,7 +82,7 @@ class Supervisor:
     def _spawn(self, w: WorkerProcess) -> None:
         w.log_path = self.log_directory / f"worker-{w.worker_id.rsplit('-', 1)[-1]}.log"
         cmd = [str(self.python), "-m", "inference", "--orthanc", self.orthanc_url, "--worker-id", w.worker_id,
-               "--parent-pid", str(os.getpid()), "--threads", str(self.threads)]
+               "--parent-pid", str(os.getpid()), "--threads", str(self.threads), "--jobs", w.role]
         for d in self.models_directories:
             cmd += ["--models-dir", str(d)]
         with open(w.log_path, "ab") as out:
@@ -83,7 +90,8 @@ class Supervisor:
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         w.state, w.started_at = "running", time.time()
-        log.warning("inference worker %s started (pid %d, log %s)", w.worker_id, w.process.pid, w.log_path)
+        log.warning("inference worker %s (%s jobs) started (pid %d, log %s)", w.worker_id, w.role, w.process.pid,
+                    w.log_path)
 
     def _run(self) -> None:
         last_reap = 0.0
