@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 REQS := requirements.txt requirements-dev.txt
 VENV_STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools poppler-utils fonts-dejavu-core chromium
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb orthanc-wsi dcmtk dicom3tools poppler-utils fonts-dejavu-core chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps venv viewer unit integration e2e bench clean help

@@ -20,6 +20,12 @@ failed | skipped``. A worker claims a ``pending`` slide for its QC stage (``qc``
 nuclei stage (``running``), each with a lease renewed by heartbeats; an expired lease sends the slide back
 (``qc → pending``, ``running → queued``) until ``max_attempts``. Files live under ``<data>/slides/<id>/``.
 
+A vendor file can also be converted to a DICOM WSI series (``POST /ai/slides/{id}/dicom``, or every one after
+its analysis with ``AI.Pathology.ConvertToDicom``). The conversion is its own small job beside the slide's
+state: ``dicom_state`` goes ``requested → converting → done | failed`` (audited as ``dicom`` events), a
+worker claims it like a stage (with its own lease) and runs ``OrthancWSIDicomizer`` in its process, and the
+series joins the study of the slide's results. It never changes the slide's state or results.
+
 | route | what |
 |---|---|
 | ``POST /ai/slides`` | upload (body or multipart ``file``) or queue an Orthanc series (JSON) → 202 |
@@ -30,9 +36,11 @@ nuclei stage (``running``), each with a lease renewed by heartbeats; an expired 
 | ``GET /ai/slides/{id}/nuclei.geojson.gz`` | nuclei for QuPath (gzip GeoJSON) |
 | ``GET /ai/slides/{id}/audit`` | every transition and stage |
 | ``POST /ai/slides/{id}/rerun`` | run a finished slide again |
+| ``POST /ai/slides/{id}/dicom`` | convert a vendor file to a DICOM WSI series (body ``{"force": true}`` to redo) |
 | ``DELETE /ai/slides/{id}`` | forget a slide and its files (DICOM results stay in Orthanc) |
 | ``POST /ai/slides/worker/claim``, ``/ai/slides/{id}/heartbeat|qc-complete|complete|fail``, ``POST
-  /ai/slides/{id}/artifacts/{name}``, ``GET /ai/slides/{id}/source?offset=&length=`` | the worker protocol |
+  /ai/slides/{id}/dicom/heartbeat|complete|fail``, ``POST /ai/slides/{id}/artifacts/{name}``, ``GET
+  /ai/slides/{id}/source?offset=&length=`` | the worker protocol |
 """
 
 from __future__ import annotations
@@ -72,6 +80,15 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     DONE: frozenset({PENDING}),  # pending: an explicit re-run
     FAILED: frozenset({PENDING}),
     SKIPPED: frozenset({PENDING}),
+}
+#: The DICOM conversion of a vendor file, beside the slide's own state ("" = never requested).
+DICOM_REQUESTED, DICOM_CONVERTING, DICOM_DONE, DICOM_FAILED = "requested", "converting", "done", "failed"
+DICOM_TRANSITIONS: dict[str, frozenset[str]] = {
+    "": frozenset({DICOM_REQUESTED}),
+    DICOM_REQUESTED: frozenset({DICOM_CONVERTING, DICOM_FAILED}),
+    DICOM_CONVERTING: frozenset({DICOM_DONE, DICOM_FAILED, DICOM_REQUESTED}),  # requested: a retry
+    DICOM_DONE: frozenset({DICOM_REQUESTED}),  # an explicit conversion again (force)
+    DICOM_FAILED: frozenset({DICOM_REQUESTED}),
 }
 #: Overall progress at the start of each stage (QC is quick, nuclei are most of the work).
 STAGE_SPAN = {QC: (0.0, 0.25), RUNNING: (0.3, 1.0)}
@@ -116,8 +133,10 @@ class PathologyConfig:
     workers: int = 2
     qc: dict | None = None
     aggregation: dict | None = None
+    convert_to_dicom: bool = False
 
     _KEYS = {"Enabled", "NucleiModel", "DefaultMpp", "InboxDirectory", "AutoDicom", "StoreDicomResults", "Workers",
+             "ConvertToDicom",
              "TileSize", "TileMpp", "MinTileTissue", "BlurThreshold", "MaxBlurRatio", "HotspotWindowMicrons",
              "HotspotCount"}
 
@@ -159,7 +178,7 @@ class PathologyConfig:
                    inbox_directory=Path(inbox) if inbox else None, auto_dicom=typed("AutoDicom", bool, True),
                    store_dicom_results=typed("StoreDicomResults", bool, True),
                    workers=typed("Workers", int, 2, lambda v: 1 <= v <= 64, "an integer 1..64"),
-                   qc=qc, aggregation=aggregation)
+                   qc=qc, aggregation=aggregation, convert_to_dicom=typed("ConvertToDicom", bool, False))
 
 
 # -- the store ----------------------------------------------------------------------------------------
@@ -170,8 +189,9 @@ _COLUMNS = {
     "metadata": str, "qc": str, "summary": str, "outputs": str, "attempts": int, "max_attempts": int,
     "worker": str, "lease_token": str, "lease_expires": float, "created_at": float, "updated_at": float,
     "started_at": float, "finished_at": float, "timings": str,
+    "dicom_state": str, "dicom": str, "dicom_attempts": int, "dicom_lease": str, "dicom_lease_expires": float,
 }
-_JSON = ("study", "metadata", "qc", "summary", "outputs", "timings")
+_JSON = ("study", "metadata", "qc", "summary", "outputs", "timings", "dicom")
 
 
 class SlideNotFound(SlideError):
@@ -249,7 +269,8 @@ class SlideStore:
                "fingerprint": fingerprint, "metadata": "{}", "qc": "{}", "summary": "{}", "outputs": "[]",
                "attempts": 0, "max_attempts": self.max_attempts, "worker": None, "lease_token": None,
                "lease_expires": None, "created_at": now, "updated_at": now, "started_at": None,
-               "finished_at": None, "timings": "{}"}
+               "finished_at": None, "timings": "{}", "dicom_state": "", "dicom": "{}", "dicom_attempts": 0,
+               "dicom_lease": None, "dicom_lease_expires": None}
         with self._lock:
             self.db["slides"].insert(row)
             self._log(row["id"], "created", None, PENDING, actor, f"source={source_kind} {filename or series_instance_uid}")
@@ -323,7 +344,97 @@ class SlideStore:
                     out.append(self.transition(row["id"], FAILED, actor="supervisor", finished_at=now,
                                                error=f"gave up after {row['attempts']} attempts: its worker stopped "
                                                      "answering (lease expired)"))
+            for row in list(self.db["slides"].rows_where("dicom_state = ? and dicom_lease_expires < ?",
+                                                         [DICOM_CONVERTING, now])):
+                attempts = row["dicom_attempts"] or 0
+                if attempts < row["max_attempts"]:
+                    out.append(self.dicom_transition(
+                        row["id"], DICOM_REQUESTED, actor="supervisor", message="waiting for a worker",
+                        error="retrying: its worker stopped answering (lease expired)"))
+                else:
+                    out.append(self.dicom_transition(
+                        row["id"], DICOM_FAILED, actor="supervisor", finished_at=_iso(_now()),
+                        error=f"gave up after {attempts} attempts: its worker stopped answering (lease expired)"))
         return out
+
+    # the DICOM conversion --------------------------------------------------------------------------------
+    def request_dicom(self, slide_id: str, actor: str, *, force: bool = False, detail: str = "") -> dict:
+        """Queue the conversion of a vendor file (409 for a DICOM slide, a running or a done conversion
+        unless ``force``, or a file that is gone)."""
+        with self._lock:
+            slide = self.get(slide_id)
+            state = slide["dicom_state"] or ""
+            if slide["source_kind"] == "dicom":
+                raise SlideError(f"slide {slide_id} is already a DICOM WSI series in Orthanc", status=409)
+            if state in (DICOM_REQUESTED, DICOM_CONVERTING):
+                raise SlideError(f"slide {slide_id} is already being converted ('{state}')", status=409)
+            if state == DICOM_DONE and not force:
+                raise SlideError(f"slide {slide_id} was already converted (series "
+                                 f"{slide['dicom'].get('series_instance_uid')}); send {{\"force\": true}} to "
+                                 "convert it again (the series is replaced)", status=409)
+            if not (self.folder(slide_id) / "source").is_file():
+                raise SlideError(f"the file of slide {slide_id} is gone; upload it again", status=409)
+            return self.dicom_transition(slide_id, DICOM_REQUESTED, actor=actor, reset=True, attempts=0,
+                                         detail=detail or ("conversion requested again" if state else
+                                                           "conversion requested"),
+                                         requested_at=_iso(_now()), requested_by=actor,
+                                         message="waiting for a worker")
+
+    def dicom_transition(self, slide_id: str, new: str, *, actor: str, lease: str | None = None,
+                         detail: str = "", reset: bool = False, attempts: int | None = None, **info: Any) -> dict:
+        """One legal step of the conversion (for the lease holder when ``lease`` is given), audited."""
+        with self._lock:
+            slide = self.get(slide_id)
+            old = slide["dicom_state"] or ""
+            if new not in DICOM_TRANSITIONS.get(old, ()):
+                raise SlideError(f"a conversion cannot go from '{old or 'none'}' to '{new}'", status=409)
+            if lease is not None:
+                self._check_dicom_lease(slide, lease)
+            dicom = {} if reset else dict(slide["dicom"] or {})
+            dicom.update(info)
+            changes: dict[str, Any] = {"dicom_state": new, "dicom": json.dumps(dicom), "updated_at": _now()}
+            if attempts is not None:
+                changes["dicom_attempts"] = attempts
+            if new != DICOM_CONVERTING:
+                changes.update(dicom_lease=None, dicom_lease_expires=None)
+            self.db["slides"].update(slide_id, changes)
+            self._log(slide_id, "dicom", old or None, new, actor, detail or dicom.get("error") or "")
+            return self.get(slide_id)
+
+    def claim_dicom(self, worker: str) -> dict | None:
+        """The oldest requested conversion, now ``converting`` for ``worker`` with a lease."""
+        self.release_expired()
+        with self._lock:
+            rows = list(self.db["slides"].rows_where("dicom_state = ?", [DICOM_REQUESTED],
+                                                     order_by="created_at, rowid", limit=1))
+            if not rows:
+                return None
+            row = rows[0]
+            slide = self.dicom_transition(row["id"], DICOM_CONVERTING, actor=worker, detail=worker,
+                                          attempts=(row["dicom_attempts"] or 0) + 1, worker=worker,
+                                          started_at=_iso(_now()), progress=0.0, message="conversion started",
+                                          error=None)
+            self.db["slides"].update(row["id"], {"dicom_lease": secrets.token_hex(16),
+                                                 "dicom_lease_expires": _now() + self.lease_seconds})
+            return self.get(slide["id"])
+
+    def dicom_heartbeat(self, slide_id: str, lease: str, progress: float | None, message: str | None) -> dict:
+        with self._lock:
+            slide = self.get(slide_id)
+            self._check_dicom_lease(slide, lease)
+            dicom = dict(slide["dicom"] or {})
+            if progress is not None:
+                dicom["progress"] = round(min(max(float(progress), 0.0), 1.0), 4)
+            if message is not None:
+                dicom["message"] = str(message)[:300]
+            self.db["slides"].update(slide_id, {"dicom": json.dumps(dicom),
+                                                "dicom_lease_expires": _now() + self.lease_seconds})
+            return self.get(slide_id)
+
+    def _check_dicom_lease(self, slide: dict, lease: str) -> None:
+        if slide["dicom_state"] != DICOM_CONVERTING or not lease or slide["dicom_lease"] != lease:
+            raise SlideError(f"the conversion of slide {slide['id']} is '{slide['dicom_state'] or 'none'}' and no "
+                             "longer held by this lease", status=409)
 
     def delete(self, slide_id: str, actor: str) -> dict:
         with self._lock:
@@ -346,6 +457,7 @@ class SlideStore:
         row = dict(row)
         for key in _JSON:
             row[key] = json.loads(row.get(key) or ("[]" if key == "outputs" else "{}"))
+        row["dicom_state"] = row.get("dicom_state") or ""
         return row
 
     def close(self) -> None:
@@ -366,10 +478,25 @@ def public_view(slide: dict, folder: Path | None = None) -> dict:
            "metadata": slide["metadata"] or None, "quality_control": qc.get("quality_control"),
            "tiles": qc.get("tile_counts"), "results": slide["summary"] or None, "outputs": slide["outputs"],
            "created_at": _iso(slide["created_at"]), "updated_at": _iso(slide["updated_at"]),
-           "started_at": _iso(slide["started_at"]), "finished_at": _iso(slide["finished_at"])}
+           "started_at": _iso(slide["started_at"]), "finished_at": _iso(slide["finished_at"]),
+           "dicom": dicom_view(slide)}
     if folder is not None:
         out["files"] = sorted(p.name for p in folder.iterdir() if p.name in ARTIFACTS) if folder.is_dir() else []
     return out
+
+
+_DICOM_FIELDS = ("progress", "message", "error", "requested_at", "requested_by", "started_at", "finished_at",
+                 "seconds", "study_instance_uid", "series_instance_uid", "orthanc_study_id", "orthanc_series_id",
+                 "instances", "levels", "dicomizer", "timings")
+
+
+def dicom_view(slide: dict) -> dict | None:
+    """The conversion to DICOM WSI as the REST API shows it; None when it was never requested."""
+    if not slide.get("dicom_state"):
+        return None
+    info = slide.get("dicom") or {}
+    return {"status": slide["dicom_state"], "attempts": slide.get("dicom_attempts") or 0,
+            **{key: info.get(key) for key in _DICOM_FIELDS}}
 
 
 # -- multipart ----------------------------------------------------------------------------------------
@@ -600,6 +727,10 @@ class Slides:
             ("POST", rf"slides/({_ID})/qc-complete", self.qc_complete),
             ("POST", rf"slides/({_ID})/complete", self.complete),
             ("POST", rf"slides/({_ID})/fail", self.fail),
+            ("POST", rf"slides/({_ID})/dicom", self.request_dicom),
+            ("POST", rf"slides/({_ID})/dicom/heartbeat", self.dicom_heartbeat),
+            ("POST", rf"slides/({_ID})/dicom/complete", self.dicom_complete),
+            ("POST", rf"slides/({_ID})/dicom/fail", self.dicom_fail),
         ]
 
     def view(self, slide: dict) -> dict:
@@ -717,6 +848,27 @@ class Slides:
                                                     progress=0.0, message="waiting for a worker", finished_at=None,
                                                     started_at=None, summary={}, outputs=[], detail="re-run"))
 
+    def request_dicom(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        """Convert a vendor file to a DICOM WSI series (a worker runs it) → 202 with the slide."""
+        body = request.json()
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise SlideError('"force" must be true or false')
+        return 202, self.view(self.store.request_dicom(slide_id, request.user, force=force))
+
+    def _auto_dicom(self, slide: dict) -> None:
+        """``AI.Pathology.ConvertToDicom``: queue the conversion of a vendor file the worker could read."""
+        if not self.config.convert_to_dicom or slide["source_kind"] == "dicom":
+            return
+        if slide["dicom_state"] in (DICOM_REQUESTED, DICOM_CONVERTING, DICOM_DONE):
+            return
+        if not (slide.get("metadata") or {}).get("mpp_x"):
+            return  # no pixel size: the conversion would fail too; it can still be requested after a re-run
+        try:
+            self.store.request_dicom(slide["id"], "system", detail="AI.Pathology.ConvertToDicom")
+        except SlideError as exc:
+            log.warning("slide %s: no automatic conversion to DICOM (%s)", slide["id"], exc)
+
     # worker protocol --------------------------------------------------------------------------------------
     def claim(self, request: Request) -> tuple[int, Any]:
         body = request.json()
@@ -725,10 +877,16 @@ class Slides:
             raise SlideError('"worker" (an id for the claiming worker) is required')
         if not self.config.enabled:
             return 204, None
+        cfg = self.config
+        slide = self.store.claim_dicom(worker)  # conversions first: short, and someone may be waiting to view
+        if slide is not None:
+            return 200, {"slide": {**self.view(slide), "study": slide["study"]}, "stage": "dicom",
+                         "lease": slide["dicom_lease"], "lease_seconds": self.lease_seconds,
+                         "settings": {"declared_mpp": slide["declared_mpp"] or cfg.default_mpp,
+                                      "workers": cfg.workers}}
         slide = self.store.claim(worker)
         if slide is None:
             return 204, None
-        cfg = self.config
         settings = {"declared_mpp": slide["declared_mpp"] or cfg.default_mpp, "nuclei_model": cfg.nuclei_model,
                     "workers": cfg.workers, "qc": cfg.qc or {}, "aggregation": cfg.aggregation or {},
                     "store_dicom_results": cfg.store_dicom_results}
@@ -800,7 +958,9 @@ class Slides:
                                           lease=lease, error=error, progress=1.0, message="", finished_at=_now(),
                                           **changes)
         self.store.stage_log(slide_id, worker, timings)
-        return 200, self.view(slide)
+        if outcome != "pass":
+            self._auto_dicom(slide)
+        return 200, self.view(self.store.get(slide_id))
 
     def complete(self, request: Request, slide_id: str) -> tuple[int, Any]:
         body = request.json()
@@ -815,7 +975,8 @@ class Slides:
                                       summary=body.get("summary") or {}, timings=timings, progress=1.0,
                                       message="done", error="", finished_at=_now())
         self.store.stage_log(slide_id, worker, body.get("timings") or {})
-        return 200, self.view(slide)
+        self._auto_dicom(slide)
+        return 200, self.view(self.store.get(slide_id))
 
     def fail(self, request: Request, slide_id: str) -> tuple[int, Any]:
         body = request.json()
@@ -835,6 +996,62 @@ class Slides:
             slide = self.store.transition(slide_id, SKIPPED if body.get("skipped") else FAILED, actor=worker,
                                           lease=lease, error=error, progress=1.0, message="", finished_at=_now(),
                                           **extra)
+        return 200, self.view(slide)
+
+    # the conversion's worker protocol
+    def dicom_heartbeat(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        body = request.json()
+        progress = body.get("progress")
+        if progress is not None and (isinstance(progress, bool) or not isinstance(progress, (int, float))):
+            raise SlideError('"progress" must be a number between 0 and 1')
+        slide = self.store.dicom_heartbeat(slide_id, self._lease(body), progress, body.get("message"))
+        return 200, {"status": slide["dicom_state"], "cancel": False}
+
+    def dicom_complete(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        """The series is in Orthanc: its UIDs, instance count, levels and timings."""
+        body = request.json()
+        lease = self._lease(body)
+        info: dict[str, Any] = {}
+        for key in ("study_instance_uid", "series_instance_uid"):
+            value = body.get(key)
+            if not isinstance(value, str) or not re.fullmatch(r"[0-9.]{1,64}", value):
+                raise SlideError(f'"{key}" (a DICOM UID) is required')
+            info[key] = value
+        instances = body.get("instances")
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+            raise SlideError('"instances" (the number of instances stored) is required')
+        timings = body.get("timings") or {}
+        if not isinstance(timings, dict):
+            raise SlideError('"timings" must be an object of seconds')
+        seconds = round(sum(v for v in timings.values() if isinstance(v, (int, float))), 3)
+        worker = str(body.get("worker", "worker"))
+        info.update(instances=instances, timings=timings, seconds=seconds, progress=1.0, message="done", error=None,
+                    finished_at=_iso(_now()), levels=body.get("levels"), dicomizer=body.get("dicomizer"),
+                    orthanc_study_id=body.get("orthanc_study_id"), orthanc_series_id=body.get("orthanc_series_id"))
+        slide = self.store.dicom_transition(
+            slide_id, DICOM_DONE, actor=worker, lease=lease,
+            detail=f"{instances} instance(s) in series {info['series_instance_uid']}, {seconds} s "
+                   f"({', '.join(f'{k} {v} s' for k, v in timings.items())})", **info)
+        log.info("slide %s converted to DICOM WSI: %s instance(s) in %s s", slide_id, instances, seconds)
+        return 200, self.view(slide)
+
+    def dicom_fail(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        body = request.json()
+        lease = self._lease(body)
+        error = body.get("error")
+        if not isinstance(error, str) or not error:
+            raise SlideError('"error" (a sentence for the user) is required')
+        worker = str(body.get("worker", "worker"))
+        slide = self.store.get(slide_id)
+        self.store._check_dicom_lease(slide, lease)
+        if body.get("retryable") and (slide["dicom_attempts"] or 0) < slide["max_attempts"]:
+            slide = self.store.dicom_transition(slide_id, DICOM_REQUESTED, actor=worker, lease=lease,
+                                                error=f"retrying: {error}"[:1000], message="waiting for a worker")
+        else:
+            slide = self.store.dicom_transition(slide_id, DICOM_FAILED, actor=worker, lease=lease,
+                                                error=error[:1000], message="", finished_at=_iso(_now()))
+        log.warning("slide %s: conversion to DICOM failed%s", slide_id,
+                    " (to be retried)" if slide["dicom_state"] == DICOM_REQUESTED else "")
         return 200, self.view(slide)
 
 

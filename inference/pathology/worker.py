@@ -5,6 +5,9 @@ the worker it holds no state: the slide's file is fetched from the plugin in chu
 instances from Orthanc) into a local temporary folder, which is reused by the next stage of the same
 slide and deleted afterwards; nothing assumes a disk shared with Orthanc. A lost lease or a deleted
 slide stops the work without reporting.
+
+A third kind of claim, ``dicom``, converts a vendor file to a DICOM WSI series (``dicomize.py``) in the
+study of the slide's results, and stores it in Orthanc; the slide's own state and results are untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from inference.client import OrthancClient, OrthancUnavailable
 from inference.pathology import dicom as D
+from inference.pathology.dicomize import DICOMIZER, DicomizerCancelled, WsiTarget, dicomize
 from inference.pathology.geojson import write_geojson
 from inference.pathology.pipeline import SlideSettings, run_analysis_stage, run_qc_stage
 from inference.pathology.qc import tiles_from_state
@@ -43,8 +47,10 @@ class SlideCancelled(Exception):
 class _Heartbeat:
     """Renews the lease in the background and relays progress; notices deletion and lost leases."""
 
-    def __init__(self, client: OrthancClient, slide_id: str, lease: str, interval: float) -> None:
+    def __init__(self, client: OrthancClient, slide_id: str, lease: str, interval: float,
+                 path: str = "heartbeat") -> None:
         self.client, self.slide_id, self.lease, self.interval = client, slide_id, lease, interval
+        self.path = path
         self.progress, self.message = 0.0, ""
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -66,7 +72,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                r = self.client.post_json(f"/ai/slides/{self.slide_id}/heartbeat",
+                r = self.client.post_json(f"/ai/slides/{self.slide_id}/{self.path}",
                                           {"lease": self.lease, "progress": self.progress, "message": self.message},
                                           timeout=10)
             except OrthancUnavailable as exc:
@@ -107,26 +113,31 @@ class SlideWorker:
         slide_id = slide["id"]
         settings = SlideSettings.from_json(claimed.get("settings"))
         interval = max(1.0, float(claimed.get("lease_seconds", 30)) / 3)
-        log.info("slide %s: %s stage (attempt %s)", slide_id, stage, slide.get("attempts"))
-        with _Heartbeat(self.client, slide_id, lease, interval) as hb:
+        prefix = "dicom/" if stage == "dicom" else ""  # the conversion reports on its own routes
+        log.info("slide %s: %s stage (attempt %s)", slide_id, stage,
+                 (slide.get("dicom") or {}).get("attempts") if prefix else slide.get("attempts"))
+        with _Heartbeat(self.client, slide_id, lease, interval, f"{prefix}heartbeat") as hb:
             try:
                 source = self._fetch(slide, hb)
                 if stage == "qc":
                     path, body = "qc-complete", self._qc(slide, source, settings, lease, claimed, hb)
+                elif stage == "dicom":
+                    path, body = "dicom/complete", self._convert(slide, source, settings, hb)
                 else:
                     path, body = "complete", self._analysis(slide, source, settings, lease, claimed, hb)
-            except SlideCancelled as exc:
+            except (SlideCancelled, DicomizerCancelled) as exc:
                 log.warning("slide %s stopped: %s", slide_id, exc)
                 self._forget()
                 return
             except SlideError as exc:
-                path, body = "fail", {"error": str(exc), "retryable": False}
+                path, body = f"{prefix}fail", {"error": str(exc), "retryable": False}
             except OrthancUnavailable as exc:
-                path, body = "fail", {"error": str(exc), "retryable": True}
+                path, body = f"{prefix}fail", {"error": str(exc), "retryable": True}
             except Exception as exc:  # a bug: fail visibly, keep the worker alive
                 log.exception("slide %s failed", slide_id)
-                path, body = "fail", {"error": f"{type(exc).__name__}: {exc}", "retryable": False}
-        if path == "fail" or (path == "qc-complete" and body.get("outcome") != "pass") or path == "complete":
+                path, body = f"{prefix}fail", {"error": f"{type(exc).__name__}: {exc}", "retryable": False}
+        if path.endswith("fail") or (path == "qc-complete" and body.get("outcome") != "pass") \
+                or path.endswith("complete") and path != "qc-complete":
             self._forget()
         self._post(slide_id, path, {"lease": lease, "worker": self.worker_id, **body})
 
@@ -258,7 +269,7 @@ class SlideWorker:
         hb.report(0.94, "writing GeoJSON")
         store = NucleusStore.open(result.store_path)
         try:
-            slide_key = slide["source"].get("sha256") or slide["source"].get("series_instance_uid") or slide["id"]
+            slide_key = self._slide_key(slide)
             geo_path = work / "nuclei.geojson.gz"
             geo = write_geojson(store, geo_path, tuple(result.detector["classes"]), slide_key=slide_key)
             timings["geojson"] = round(time.perf_counter() - t, 4)
@@ -324,6 +335,56 @@ class SlideWorker:
                              container_identifier=container, pixel_spacing_mm=spacing)
         sr = D.slide_report_sr(report, slide_key=slide_key, evidence=[sc])
         return [sc, sr]
+
+    def _convert(self, slide: dict, source: Path, settings: SlideSettings, hb: _Heartbeat) -> dict:
+        """The vendor file as a DICOM WSI series in the study of its results (replacing an earlier one)."""
+        if slide["source"]["kind"] == "dicom":
+            raise SlideError("the slide is already a DICOM WSI series")
+        with open_slide(source) as wsi:
+            meta = wsi.metadata
+        mpp_x = meta.mpp_x or settings.declared_mpp
+        if not mpp_x:
+            raise SlideError("the slide does not state its pixel size: upload it again with its mpp "
+                             "(X-Slide-Mpp) or set AI.Pathology.DefaultMpp")
+        slide_key = self._slide_key(slide)
+        study = self._study(slide, slide_key)
+        target = WsiTarget.for_slide(study, slide_key, container_identifier=slide["source"].get("filename")
+                                     or slide["id"], width_px=meta.width, height_px=meta.height, mpp_x=mpp_x,
+                                     mpp_y=meta.mpp_y if meta.mpp_x else None)
+        folder = self.root / "dicom" / "out"
+        series = dicomize(source, folder, target, levels=len(meta.levels), threads=settings.workers,
+                          progress=hb.report, cancelled=hb.lost.is_set)
+        t = time.perf_counter()
+        hb.report(0.92, "storing the DICOM WSI series")
+        self._delete_series(series.series_instance_uid)  # converted before: replace, never duplicate
+        parents: dict = {}
+        for i, path in enumerate(series.files):
+            r = self.client._request("POST", "/instances", data=path.read_bytes(),
+                                     headers={"Content-Type": "application/dicom"})
+            if r.status_code != 200:
+                raise OrthancUnavailable(f"Orthanc refused WSI instance {i + 1}/{len(series.files)}: "
+                                         f"{r.status_code} {r.text[:200]}")
+            parents = r.json()
+            hb.report(0.92 + 0.08 * (i + 1) / len(series.files), f"stored {i + 1}/{len(series.files)} instances")
+        timings = {**series.timings, "store": round(time.perf_counter() - t, 3)}
+        log.info("slide %s: DICOM WSI series of %d instance(s), %d level(s), in %s", slide["id"], len(series.files),
+                 len(series.levels), timings)
+        return {"study_instance_uid": series.study_instance_uid, "series_instance_uid": series.series_instance_uid,
+                "orthanc_study_id": parents.get("ParentStudy"), "orthanc_series_id": parents.get("ParentSeries"),
+                "instances": len(series.files), "levels": [list(size) for size in series.levels],
+                "dicomizer": f"{DICOMIZER} {series.dicomizer_version}".strip(), "timings": timings}
+
+    def _delete_series(self, series_instance_uid: str) -> None:
+        r = self.client._request("POST", "/tools/lookup", data=series_instance_uid)
+        r.raise_for_status()
+        for hit in r.json():
+            if hit.get("Type") == "Series":
+                self.client._request("DELETE", f"/series/{hit['ID']}").raise_for_status()
+
+    @staticmethod
+    def _slide_key(slide: dict) -> str:
+        """What identifies the slide's content (its file's SHA-256): results' and conversions' UIDs derive from it."""
+        return slide["source"].get("sha256") or slide["source"].get("series_instance_uid") or slide["id"]
 
     def _study(self, slide: dict, slide_key: str) -> D.StudyContext:
         """The study of a vendor file's results: the one named at upload (if in Orthanc) or a new one."""
