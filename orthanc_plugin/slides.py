@@ -712,6 +712,9 @@ class Slides:
     def routes(self) -> list[tuple[str, str, Callable[..., tuple[int, Any]]]]:
         return [
             ("POST", r"slides", self.post_slide),
+            # the same upload as a form whose answer is ours: Orthanc answers every multipart/form-data POST
+            # itself, but not a PUT (``curl -T``/``-X PUT -F``, or a POST with X-HTTP-Method-Override: PUT)
+            ("PUT", r"slides", self.post_slide),
             ("GET", r"slides", self.list_slides),
             ("POST", r"slides/worker/claim", self.claim),
             ("GET", rf"slides/({_ID})", self.get_slide),

@@ -214,7 +214,9 @@ class SlideWorker:
         """Stream ``uri`` into ``target``; returns its SHA-256."""
         digest = hashlib.sha256()
         try:
-            with self.client.session.get(self.client.url + uri, stream=True, timeout=self.client.timeout) as r:
+            # uncompressed: gzipping a slide's JPEG frames costs Orthanc CPU and gains nothing
+            with self.client.session.get(self.client.url + uri, stream=True, timeout=self.client.timeout,
+                                         headers={"Accept-Encoding": "identity"}) as r:
                 if r.status_code >= 500:
                     raise OrthancUnavailable(f"Orthanc answered {r.status_code} to GET {uri}")
                 r.raise_for_status()

@@ -261,6 +261,23 @@ def test_form_upload_is_accepted_although_orthanc_answers_it(orthanc, tmp_path):
     assert slide["status"] == "done" and slide["metadata"]["mpp_x"] == 0.5, slide
 
 
+@pytest.mark.parametrize("how", ["PUT", "override"])
+def test_form_upload_as_put_answers_202_with_the_slide(orthanc, tmp_path, how):
+    from inference.pathology.synthetic import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / f"form-{how}.tif", 1024, empty=True)
+    with open(path, "rb") as f:
+        kwargs = dict(data={"patient_id": "P-9"}, files={"file": (path.name, f)}, timeout=60)
+        if how == "PUT":
+            r = orthanc.session.put(orthanc.url + "/ai/slides", **kwargs)
+        else:  # a browser form posts; the header turns it into a PUT before Orthanc's form handling
+            r = orthanc.session.post(orthanc.url + "/ai/slides", headers={"X-HTTP-Method-Override": "PUT"}, **kwargs)
+    assert r.status_code == 202, r.text
+    slide = r.json()
+    assert slide["source"]["filename"] == path.name and slide["status"] == "pending", slide
+    assert orthanc.get(f"/ai/slides/{slide['id']}")["id"] == slide["id"]
+
+
 def test_mixed_multipart_upload_answers_202(orthanc, tmp_path):
     from inference.pathology.synthetic import write_synthetic_slide
 
