@@ -125,26 +125,98 @@ def _is_dicom(path: Path) -> bool:
 
 # -- backends -----------------------------------------------------------------------------------------
 class _TiffSlideBackend:
+    """tiffslide, with its tiled levels read directly: each tile's bytes (``os.pread``, thread-safe) decoded by
+    tifffile's own decoder (what tiffslide's zarr store calls) straight into the region, without zarr's
+    per-read overhead (≈ 1.4× faster on block reads). Levels that are not one plain tiled page (stripped,
+    planar, composited series…) and files without a descriptor go through tiffslide."""
+
     def __init__(self, path: Path) -> None:
         import tiffslide
 
         self.slide = tiffslide.TiffSlide(str(path))
         self.version = f"tiffslide {tiffslide.__version__}"
+        self._direct: dict[int, _TiledLevel | None] = {}
 
     def levels(self) -> tuple[Level, ...]:
         return tuple(Level(int(w), int(h), float(d)) for (w, h), d in
                      zip(self.slide.level_dimensions, self.slide.level_downsamples))
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        direct = self._direct[level] if level in self._direct else self._direct.setdefault(level, self._tiled(level))
+        if direct is not None:
+            return direct.read(x, y, width, height)
+        return self.read_tiffslide(level, x, y, width, height)
+
+    def read_tiffslide(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The same region through tiffslide's ``read_region`` (the reference the direct reads must equal)."""
         ds = self.slide.level_downsamples[level]
         # tiffslide wants level-0 coordinates for the origin and level pixels for the size
         return self.slide.read_region((round(x * ds), round(y * ds)), level, (width, height), as_array=True)
+
+    def _tiled(self, level: int) -> "_TiledLevel | None":
+        import os
+
+        if not hasattr(os, "pread"):
+            return None
+        try:
+            props = self.slide.properties
+            if props.get("tiffslide.series-composition") or props.get("tiffslide.series-axes") != "YXS":
+                return None
+            tf = self.slide.ts_tifffile
+            series_level = tf.series[props["tiffslide.series-index"]].levels[level]
+            page = series_level.pages[0]
+            width, height = self.slide.level_dimensions[level]
+            if (len(series_level.pages) != 1 or not getattr(page, "is_tiled", False) or page.planarconfig != 1
+                    or page.imagedepth != 1 or page.dtype != np.uint8 or tuple(series_level.shape) != (height, width, 3)
+                    or tuple(page.shape) != (height, width, 3)):
+                return None
+            fill = self.slide.zarr_group[str(level)].fill_value
+            return _TiledLevel(page, tf.filehandle.fileno(), int(fill or 0))
+        except Exception:  # anything unusual: tiffslide reads it
+            return None
 
     def properties(self) -> dict[str, Any]:
         return dict(self.slide.properties)
 
     def close(self) -> None:
         self.slide.close()
+
+
+class _TiledLevel:
+    """One tiled, interleaved 8-bit RGB TIFF page, read tile by tile."""
+
+    def __init__(self, page: Any, fd: int, fill: int) -> None:
+        self.page, self.fd, self.fill = page, fd, fill
+        self.height, self.width = page.shape[:2]
+        self.tile_h, self.tile_w = page.tilelength, page.tilewidth
+        self.across = -(-self.width // self.tile_w)
+        self.offsets, self.counts = page.dataoffsets, page.databytecounts
+        self.decode = page.decode
+        self.args: dict[str, Any] = {"_fullsize": True}
+        if page.jpegtables is not None:
+            self.args["jpegtables"] = page.jpegtables
+        if getattr(page, "jpegheader", None) is not None:
+            self.args["jpegheader"] = page.jpegheader
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB (height, width, 3); (x, y) in level pixels, the region entirely inside the level."""
+        import os
+
+        th, tw = self.tile_h, self.tile_w
+        out = np.empty((height, width, 3), np.uint8)
+        for ty in range(y // th, (y + height - 1) // th + 1):
+            for tx in range(x // tw, (x + width - 1) // tw + 1):
+                index = ty * self.across + tx
+                y0, x0 = max(y, ty * th), max(x, tx * tw)  # the overlap, in level pixels
+                y1, x1 = min(y + height, (ty + 1) * th), min(x + width, (tx + 1) * tw)
+                target = out[y0 - y:y1 - y, x0 - x:x1 - x]
+                offset, count = self.offsets[index], self.counts[index]
+                if not offset or not count:  # a tile the file does not store
+                    target[...] = self.fill
+                    continue
+                tile = self.decode(os.pread(self.fd, count, offset), index, **self.args)[0]
+                target[...] = tile.reshape(th, tw, 3)[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+        return out
 
 
 class _OpenSlideBackend:

@@ -34,6 +34,44 @@ def test_blur_and_tissue_per_tile(shared_data: Path):
     assert (ratio_glass == 0).all() and (status_glass == Q.LOW_TISSUE).all()
 
 
+def _assert_same_measures(fast, plain, where: str) -> None:
+    (ratio, lap, status, sample), (ratio_p, lap_p, status_p, sample_p) = fast, plain
+    assert np.array_equal(ratio, ratio_p) and np.array_equal(status, status_p), where
+    assert np.array_equal(np.isnan(lap), np.isnan(lap_p)), where
+    np.testing.assert_allclose(lap, lap_p, rtol=1e-6, equal_nan=True, err_msg=where)
+    assert (sample is None) == (sample_p is None) and (sample is None or np.array_equal(sample, sample_p)), where
+
+
+def test_block_measures_equal_the_plain_computation(shared_data: Path, tmp_path):
+    """The sampled-row Laplacian and integer tile sums give the whole-block computation's results, on real
+    H&E and IHC, on a synthetic slide, blurred, at block edges, with any candidates and tile size."""
+    rng = np.random.default_rng(3)
+    params = Q.QcParams()
+    seen: set[int] = set()
+    sources = []
+    for name in ("CMU-1-Small-Region.svs", "OS-2-vsi_Ki67_crop.ome.tif"):
+        with open_slide(shared_data / "wsi" / name) as slide:
+            sources.append((name, slide.read_level(0, 0, 0, 1344, 1344)))
+    with open_slide(write_synthetic_slide(tmp_path / "s.tif", 2048)) as slide:
+        sources.append(("synthetic", slide.read_level(1, 0, 0, 1024, 1024)))
+    for name, image in sources:
+        for variant, pixels in (("sharp", image), ("blurred", cv2.GaussianBlur(image, (0, 0), 2.5))):
+            for t in (224, 112, 64, 100, 30):  # 100 and 30: not multiples of 4, the plain path serves them
+                for _ in range(3):
+                    nr = int(rng.integers(1, min(4, image.shape[0] // t) + 1))
+                    nc = int(rng.integers(1, min(4, image.shape[1] // t) + 1))
+                    y = int(rng.integers(0, image.shape[0] - nr * t + 1))
+                    x = int(rng.integers(0, image.shape[1] - nc * t + 1))
+                    block = np.ascontiguousarray(pixels[y:y + nr * t, x:x + nc * t])
+                    candidates = rng.random((nr, nc)) < 0.8
+                    args = (block, Block(0, 0, nr, nc), t, candidates, int(rng.integers(8, 40)),
+                            float(rng.uniform(200, 240)), params)
+                    where = f"{name} {variant} tile {t} block {nr}x{nc} at ({x}, {y})"
+                    _assert_same_measures(Q.measure_block(*args), Q.measure_block_reference(*args), where)
+                    seen.update(np.unique(Q.measure_block(*args)[2]).tolist())
+    assert seen == {Q.BACKGROUND, Q.LOW_TISSUE, Q.BLURRY, Q.KEPT}  # every status was compared: not vacuous
+
+
 def _tiles(statuses: list[int]) -> Q.TileQc:
     grid = TileGrid(224 * 2 * len(statuses), 448, 224, 448.0, 0.5)
     tiles = Q.TileQc.empty(grid)

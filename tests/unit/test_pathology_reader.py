@@ -78,3 +78,24 @@ def test_real_slides(wsi):
             assert any("YCbCr" in w for w in dcm.metadata.warnings)
             pixels = dcm.read_region((0, 0), 0, (2220, 2967)).astype(int)
             assert np.abs(pixels - reference).mean() < 6  # the same slide, once its colours are repaired
+
+
+def test_direct_tile_reads_equal_tiffslide(wsi, synthetic):
+    """The tiled-TIFF fast path gives tiffslide's pixels exactly: random regions, edges, whole levels."""
+    rng = np.random.default_rng(7)
+    for path in (wsi / "CMU-1-Small-Region.svs", wsi / "OS-2-vsi_Ki67_crop.ome.tif", synthetic):
+        with open_slide(path) as slide:
+            backend = slide._backend
+            for level, lv in enumerate(slide.levels):
+                assert backend._tiled(level) is not None, f"{path.name} level {level} is not read directly"
+                regions = [(0, 0, lv.width, lv.height), (lv.width - 1, lv.height - 1, 1, 1)]
+                for _ in range(12):
+                    w, h = int(rng.integers(1, min(lv.width, 600) + 1)), int(rng.integers(1, min(lv.height, 600) + 1))
+                    regions.append((int(rng.integers(0, lv.width - w + 1)), int(rng.integers(0, lv.height - h + 1)),
+                                    w, h))
+                for x, y, w, h in regions:
+                    direct = slide.read_level(level, x, y, w, h)
+                    assert np.array_equal(direct, backend.read_tiffslide(level, x, y, w, h)), (path.name, level, x, y)
+            outside = slide.read_level(0, -10, -10, 40, 40)  # the Slide's white padding still applies
+            assert (outside[:10] == 255).all() and np.array_equal(outside[10:, 10:],
+                                                                   backend.read_tiffslide(0, 0, 0, 30, 30))

@@ -13,7 +13,7 @@ pytest.importorskip("tiffslide", reason="the slide readers are not installed: ru
 from inference.pathology.reader import open_slide  # noqa: E402
 from inference.pathology.synthetic import write_synthetic_slide  # noqa: E402
 from inference.pathology.tiling import (ResolutionReader, TileGrid, blocks_of, mask_fraction_per_tile,  # noqa: E402
-                                        ordered_map)
+                                        mask_fraction_per_tile_reference, ordered_map)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,32 @@ def test_grid_counts_and_mask_coverage(slide):
     mask[:, :112] = True  # the first 448 level-0 px columns = the first column of tiles
     frac = mask_fraction_per_tile(grid, mask, 4.0, 4.0)
     assert frac.shape == (4, 4) and np.allclose(frac[:, 0], 1) and np.allclose(frac[:, 1:], 0)
+
+
+def test_mask_coverage_equals_one_bincount_per_pixel(shared_data):
+    """Run sums give the per-pixel bincount's fractions exactly: random grids and masks (masks narrower or
+    wider than the slide, coarser or finer than the tiles, bool or integer) and a real slide's tissue mask."""
+    from inference.pathology.tissue import (TissueMaskParams, overview_size, read_overview, tissue_mask,
+                                            um_per_overview_px)
+
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        width, height = int(rng.integers(200, 6000)), int(rng.integers(200, 6000))
+        grid = TileGrid(width, height, 224, float(rng.uniform(40, 900)), 0.5)
+        scale = float(rng.uniform(1, 300))
+        shape = tuple(max(1, int(side / scale) + int(rng.integers(-3, 4))) for side in (height, width))
+        mask = rng.random(shape) < rng.random() if trial % 2 else (rng.random(shape) * 4).astype(np.uint8)
+        sy = scale * float(rng.uniform(0.9, 1.1))
+        assert np.array_equal(mask_fraction_per_tile(grid, mask, scale, sy),
+                              mask_fraction_per_tile_reference(grid, mask, scale, sy)), trial
+    with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as real:
+        m = real.metadata
+        overview = read_overview(real, overview_size(m.width, m.height, m.mpp_x, TissueMaskParams()))
+        mask, _ = tissue_mask(overview.image, um_per_overview_px(overview, m.mpp_x))
+        grid = TileGrid.for_reader(ResolutionReader(real, m.mpp_x, 0.5), m.width, m.height, 224)
+        fast = mask_fraction_per_tile(grid, mask, overview.scale_x, overview.scale_y)
+        assert mask.any() and np.array_equal(fast, mask_fraction_per_tile_reference(grid, mask, overview.scale_x,
+                                                                                    overview.scale_y))
 
 
 def test_blocks_hold_only_selected_tiles():
