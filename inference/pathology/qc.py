@@ -184,10 +184,10 @@ def _finish(pixels: np.ndarray, ratio: np.ndarray, var: np.ndarray, tissue_tiles
         # a fixed pattern of pixels in every kept tile, tissue pixels only: deterministic
         idx = (np.arange(_SAMPLE_PER_TILE) * 7919) % (t * t)
         rows, cols = np.nonzero(status == KEPT)
-        ys = (rows[:, None] * t + idx[None, :] // t).ravel()
-        xs = (cols[:, None] * t + idx[None, :] % t).ravel()
-        px = pixels[ys, xs]
-        stain_pixels = px[px.astype(np.uint16).sum(axis=1) < 3 * grey_threshold]  # not glass
+        width = pixels.shape[1]
+        flat = ((rows * t * width + cols * t)[:, None] + ((idx // t) * width + idx % t)[None, :]).ravel()
+        px = pixels.reshape(-1, 3).take(flat, axis=0)  # pixels[y, x] in one flat gather
+        stain_pixels = px[px.sum(axis=1, dtype=np.uint16) < 3 * grey_threshold]  # not glass
     return ratio, var, status, stain_pixels
 
 
