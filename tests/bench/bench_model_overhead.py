@@ -90,6 +90,7 @@ def end_to_end(series: Path, model: str = MODEL, overrides: dict | None = None, 
             time.sleep(3)
             runs, timings = [], []
             for i in range(repeats + 1):  # the first run loads the model: a warm-up, left out
+                time.sleep(3)  # let Orthanc finish with the previous results (follow-up, outbox): a job alone
                 r = server.post(f"/ai/studies/{study}/segment", {"model": model, "force": i > 0})
                 r.raise_for_status()
                 job_id = r.json()["id"]
