@@ -9,8 +9,8 @@ On a synthetic 40 000 × 40 000 px pyramidal TIFF (0.25 µm/px, 256 px JPEG tile
    disturb less, is reported beside it). Two raw readers are timed: the reader's direct tile path (tifffile's
    decoder on each tile, what the pipeline uses) and tiffslide's own ``read_region``; the reference is
    whichever is faster in this run, and the ratio is QC over that reader in the same round. At the nearest
-   level (what the pipeline does) and forced to level 0 + resize (the research notes' setup, ~280 tiles/s
-   per core);
+   level (what the pipeline does; with the previous code's QC timed in the same rounds, for the before/after)
+   and forced to level 0 + resize (the research notes' setup, ~280 tiles/s per core);
 2. the whole analysis (QC, classical nuclei, aggregation, heatmap, GeoJSON, DICOM bulk annotations) in a
    child process: nuclei per second and that process's peak RSS;
 3. the HoVer-Net path on CPU (random weights, MONAI's architecture): output megapixels per second, turned
@@ -135,6 +135,10 @@ def child_tiles(path: Path) -> dict:
                 return qc_tiles(slide, meta.mpp_x, mask, overview.scale_x, overview.scale_y, info, settings,
                                 lambda f: None)
 
+            def qc_previous():  # the code before issue 8's work, still here as the tests' references
+                with _previous_code(slide):
+                    return qc()
+
             for _shape in ordered_map(raw_direct, blocks, workers=2):  # warm the page cache: disk is not the subject
                 pass
             rounds = []
@@ -153,8 +157,18 @@ def child_tiles(path: Path) -> dict:
                 measured = int((tiles.status != 0).sum())
                 assert measured == tiles_in_blocks, (measured, tiles_in_blocks)
                 rates["qc"] = measured / t_qc
+                if not force_level0:
+                    t0 = time.perf_counter()
+                    previous = qc_previous()
+                    rates["qc_previous"] = tiles_in_blocks / (time.perf_counter() - t0)
+                    assert np.array_equal(previous.status, tiles.status)
                 rounds.append(rates)
             out[label] = _summary(rounds)
+            if not force_level0:
+                previous = statistics.median(r["qc_previous"] for r in rounds)
+                out[label]["previous_code_qc_tiles_per_s"] = round(previous, 1)
+                out[label]["previous_code_ratio_to_tiffslide"] = round(statistics.median(
+                    r["qc_previous"] / r["tiffslide"] for r in rounds), 3)
             px = tiles_in_blocks * (t * reader.scale / reader.level_downsample) ** 2
             out[label] = {"level": reader.level, "resize": reader.resize, "blocks": len(blocks),
                           "tiles": tiles_in_blocks, **out[label],
@@ -164,6 +178,28 @@ def child_tiles(path: Path) -> dict:
         out["real_svs_level0"] = _real_slide_ratio(real, settings)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
+
+
+class _previous_code:
+    """Within the block, QC runs the way it did before issue 8's work: tiffslide's ``read_region``, the
+    whole-block Laplacian with one ``meanStdDev`` per tile, one bincount per mask pixel (the functions the
+    tests now hold the faster ones to)."""
+
+    def __init__(self, slide) -> None:
+        self.backend = slide._backend
+
+    def __enter__(self) -> None:
+        from inference.pathology import pipeline, qc, tiling
+
+        self.saved = (self.backend.read, qc.measure_block, pipeline.mask_fraction_per_tile)
+        self.backend.read = self.backend.read_tiffslide
+        qc.measure_block = qc.measure_block_reference
+        pipeline.mask_fraction_per_tile = tiling.mask_fraction_per_tile_reference
+
+    def __exit__(self, *exc) -> None:
+        from inference.pathology import pipeline, qc
+
+        self.backend.read, qc.measure_block, pipeline.mask_fraction_per_tile = self.saved
 
 
 def _real_slide_ratio(path: Path, settings, passes: int = 15) -> dict:
