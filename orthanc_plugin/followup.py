@@ -908,6 +908,9 @@ class FollowUpStore:
                 self.db["prior_requests"].create({"study_instance_uid": str, "for_study_instance_uid": str,
                                                   "patient_id": str, "jobs": str, "at": str},
                                                  pk="study_instance_uid")
+            if "stale_comparisons" not in names:  # reports written while a prior was still being measured
+                self.db["stale_comparisons"].create({"study_instance_uid": str, "patient_id": str, "at": str},
+                                                    pk="study_instance_uid")
             if "series_geometry" not in names:
                 self.db["series_geometry"].create({"series_instance_uid": str, "frame_of_reference_uid": str,
                                                    "volume_centre": str, "at": str}, pk="series_instance_uid")
@@ -1021,6 +1024,19 @@ class FollowUpStore:
         with self._lock:
             self.db.execute("insert or replace into prior_requests values (?, ?, ?, ?, ?)",
                             [study_uid, for_study_uid, patient_id, json.dumps(jobs), _now()])
+
+    def mark_stale_comparison(self, study_uid: str, patient_id: str) -> None:
+        with self._lock:
+            self.db.execute("insert or replace into stale_comparisons values (?, ?, ?)", [study_uid, patient_id, _now()])
+
+    def stale_comparisons(self, patient_id: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.execute("select study_instance_uid from stale_comparisons where "
+                                                  "patient_id = ? order by at", [patient_id]).fetchall()]
+
+    def clear_stale_comparison(self, study_uid: str) -> None:
+        with self._lock:
+            self.db.execute("delete from stale_comparisons where study_instance_uid = ?", [study_uid])
 
     def put_series_geometry(self, series_uid: str, frame_of_reference_uid: str | None,
                             centre: tuple[float, float, float] | None) -> None:
@@ -1388,6 +1404,10 @@ class FollowUp:
             self.forget(item[1], item[2])
         elif kind == "stable":
             self.queue_priors(item[1])
+        elif kind == "job":
+            patient_id = self.store.study_patient(item[1])
+            if patient_id:
+                self.refresh_comparisons(patient_id)
         elif kind == "reconcile":
             self.reconcile()
 
@@ -1430,6 +1450,9 @@ class FollowUp:
                               frame_of_reference_uid=for_, volume_centre=centre)
         log.info("follow-up: SR %s of study %s: %d lesion(s)", report.sop_instance_uid,  # no PatientID: PHI
                  report.study_instance_uid, len(report.lesions))
+        patient_id = self.store.study_patient(report.study_instance_uid)
+        if patient_id:
+            self.refresh_comparisons(patient_id)
         return "ingested"
 
     def _lookup(self, uid: str, level: str) -> str | None:
@@ -1524,6 +1547,37 @@ class FollowUp:
             log.warning("follow-up reconciled with Orthanc: %d report(s) removed, %d ingested", removed, added)
         return {"removed": removed, "ingested": added}
 
+    def job_finished(self, job: dict) -> None:
+        """A job ended (any final state): a report it left without its prior's comparison may be redone now."""
+        if job.get("study_instance_uid"):
+            self._queue.put(("job", job["study_instance_uid"]))
+
+    def refresh_comparisons(self, patient_id: str) -> list[str]:
+        """Redo the studies whose report was written while one of the patient's priors was still being
+        measured (several workers: the prior and the new study ran side by side), once no prior is pending and
+        the study itself has no job under way. The new results replace the first ones (same UIDs)."""
+        if self.dispatcher is None or not patient_id:
+            return []
+        stale = self.store.stale_comparisons(patient_id)
+        if not stale or self.pending_priors(patient_id):
+            return []
+        redone = []
+        for uid in stale:
+            if self.jobs is not None and any(j["state"] in ("pending", "queued", "running")
+                                             for j in self.jobs.list(study_instance_uid=uid, limit=50)):
+                continue  # its job is still running: asked again when it ends
+            self.store.clear_stale_comparison(uid)
+            try:
+                self.dispatcher.request_segmentation(uid, model_id=None, force=True, user="follow-up")
+            except Exception as exc:  # deleted since, or no longer routed: nothing to redo
+                log.info("follow-up: study %s not redone: %s", uid, exc)
+                continue
+            redone.append(uid)
+        if redone:
+            log.warning("follow-up: %d report(s) written before a prior was measured are being redone with the "
+                        "comparison", len(redone))
+        return redone
+
     def queue_priors(self, orthanc_study_id: str) -> list[str]:
         """A study became stable: queue the patient's earlier, unmeasured studies, oldest first."""
         if self.dispatcher is None:
@@ -1610,8 +1664,24 @@ class FollowUp:
             return None
         out = comparison(timepoints, study_uid)
         out["patient_id"] = patient_id
-        out["pending_priors"] = self.pending_priors(patient_id)
+        out["pending_priors"] = [uid for uid in self.pending_priors(patient_id) if uid != study_uid]
+        date = str((current or {}).get("study_date") or "")
+        if current is not None and any(self._earlier(uid, date) for uid in out["pending_priors"]):
+            self.store.mark_stale_comparison(study_uid, patient_id)  # the worker writes its report without them
         return out
+
+    def _earlier(self, study_uid: str, date: str) -> bool:
+        """Whether the study was made before ``date`` (YYYYMMDD); unknown dates count as earlier."""
+        if not date:
+            return True
+        orthanc_id = self._lookup(study_uid, "Study")
+        if orthanc_id is None:
+            return False  # deleted: nothing to wait for
+        try:
+            other = self.rest.get_json(f"/studies/{orthanc_id}").get("MainDicomTags", {}).get("StudyDate", "")
+        except Exception:
+            return True
+        return not other or other < date
 
 
 def timepoint_from_findings(study_uid: str, body: dict) -> Timepoint:

@@ -158,6 +158,8 @@ def _setup() -> None:
                  f": {job['error']}" if new in ("failed", "skipped") and job.get("error") else "")
         if new == "done" and "outbox" in state:
             state["outbox"].enqueue_job(job)
+        if new in ("done", "failed", "skipped", "cancelled") and "followup" in state:
+            state["followup"].job_finished(job)  # a report written before its prior was measured is redone
 
     store = JobStore(cfg.job_store_path, max_attempts=cfg.max_attempts, lease_seconds=cfg.lease_seconds,
                      on_transition=on_transition)
@@ -262,6 +264,7 @@ def _setup() -> None:
     from orthanc_plugin import followup  # lesions across a patient's studies, from every TID 1500 SR
     follow_up = followup.register(orthanc, api, cfg.data_directory / "ai-followup.sqlite", dispatcher=dispatcher,
                                   jobs=store, auto_priors=cfg.auto_trigger)
+    state["followup"] = follow_up
     if cfg.auto_trigger:  # priors first: queued (at manual priority) before the new study's own job exists
         dispatcher.study_hooks.append(lambda study: follow_up.queue_priors(study["ID"]))
     on_change = follow_up.chain(on_change)

@@ -698,6 +698,38 @@ def test_unmeasured_earlier_studies_are_queued_oldest_first(service: F.FollowUp,
     assert service.queue_priors("a") == []  # a study no rule routes brings no priors
 
 
+def test_a_report_written_while_its_prior_was_measured_is_redone_once(service: F.FollowUp, rest: FakeRest) -> None:
+    """Two workers: the new study's report asked for its comparison while the prior's job still ran."""
+    prior, new = generate_uid(), generate_uid()
+    service.dispatcher = FakeDispatcher(routable=set())
+    service.jobs = FakeJobs({prior, new})  # both jobs under way
+    service.store.record_prior_request(prior, new, "P-RACE", ["job-prior"])
+    rest.uids[prior] = ("Study", "st-prior")
+    rest.studies["st-prior"] = {"MainDicomTags": {"StudyInstanceUID": prior, "StudyDate": "20240101"}}
+    findings = {"patient_id": "P-RACE", "study_date": "20240601",
+                "findings": [{"volume_ml": 1.0, "longest_diameter_mm": 12.0, "centroid_mm": [0, 0, 0]}]}
+    assert service.comparison(prior, {**findings, "study_date": "20240101"})["pending_priors"] == []  # not itself
+    assert service.comparison(new, {**findings, "study_date": "20231201"})["pending_priors"] == [prior]
+    assert service.store.stale_comparisons("P-RACE") == []  # a later prior: no comparison to miss
+    assert service.comparison(new, findings)["pending_priors"] == [prior]
+    assert service.store.stale_comparisons("P-RACE") == [new]
+
+    ingest(service, rest, build_report("P-RACE", new, "20240601", [Lesion((0, 0, 0), 1.0, 12.0)]))
+    assert service.dispatcher.requested == []  # the prior is still pending
+    service.jobs.studies = {new}
+    ingest(service, rest, build_report("P-RACE", prior, "20240101", [Lesion((0, 0, 0), 0.5, 9.0)]))
+    assert service.dispatcher.requested == []  # the new study's own job has not ended yet
+    service.jobs.studies = set()
+    service.job_finished({"study_instance_uid": new})
+    service.drain()
+    assert service.dispatcher.requested == [new]  # redone, now that the prior is measured
+    assert service.store.stale_comparisons("P-RACE") == []
+    service.job_finished({"study_instance_uid": new})
+    service.drain()
+    assert service.dispatcher.requested == [new]  # once
+    assert "pending_priors" in service.comparison(new, findings) and service.store.stale_comparisons("P-RACE") == []
+
+
 # --- the worker's side of the contract ------------------------------------------------------------------------
 
 
