@@ -906,11 +906,16 @@ class Slides:
             raise SlideError('"lease" (the token returned by the claim) is required')
         return lease
 
-    def heartbeat(self, request: Request, slide_id: str) -> tuple[int, Any]:
-        body = request.json()
+    @staticmethod
+    def _progress(body: dict) -> float | None:
         progress = body.get("progress")
         if progress is not None and (isinstance(progress, bool) or not isinstance(progress, (int, float))):
             raise SlideError('"progress" must be a number between 0 and 1')
+        return progress
+
+    def heartbeat(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        body = request.json()
+        progress = self._progress(body)
         slide = self.store.heartbeat(slide_id, self._lease(body), progress, body.get("message"))
         return 200, {"status": slide["state"], "cancel": False}
 
@@ -1004,9 +1009,7 @@ class Slides:
     # the conversion's worker protocol
     def dicom_heartbeat(self, request: Request, slide_id: str) -> tuple[int, Any]:
         body = request.json()
-        progress = body.get("progress")
-        if progress is not None and (isinstance(progress, bool) or not isinstance(progress, (int, float))):
-            raise SlideError('"progress" must be a number between 0 and 1')
+        progress = self._progress(body)
         slide = self.store.dicom_heartbeat(slide_id, self._lease(body), progress, body.get("message"))
         return 200, {"status": slide["dicom_state"], "cancel": False}
 
