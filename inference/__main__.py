@@ -19,6 +19,7 @@ from pathlib import Path
 
 from inference import __version__
 from inference.client import OrthancClient, OrthancUnavailable
+from inference.heartbeat import LeaseHeartbeat
 from inference.models.manifest import BUILTIN_MODELS_DIR, ModelManifest, load_manifests
 from inference.models.registry import load_model
 from inference.pipeline import JobCancelled, JobContext, JobSkipped, ReportSettings, run_segmentation
@@ -29,48 +30,6 @@ log = logging.getLogger("inference.worker")
 
 class ModelMismatch(Exception):
     """This worker's copy of a model is not the one the plugin approved: never run it."""
-
-
-class Heartbeat:
-    """Renews the lease of the running job in the background and relays progress and cancellation."""
-
-    def __init__(self, client: OrthancClient, job_id: str, lease: str, interval: float, parent_pid: int | None):
-        self.client, self.job_id, self.lease, self.interval = client, job_id, lease, interval
-        self.parent_pid = parent_pid
-        self.progress, self.message = 0.0, ""
-        self.cancel = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def report(self, progress: float, message: str) -> None:
-        self.progress, self.message = progress, message
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.parent_pid and os.getppid() != self.parent_pid:
-                log.error("Orthanc (pid %d) is gone; stopping", self.parent_pid)
-                os._exit(3)
-            self.beat()
-
-    def beat(self) -> None:
-        try:
-            r = self.client.post_json(f"/ai/jobs/{self.job_id}/heartbeat",
-                                      {"lease": self.lease, "progress": self.progress, "message": self.message},
-                                      timeout=10)
-        except OrthancUnavailable as exc:
-            log.warning("heartbeat failed: %s", exc)
-            return
-        if r.status_code == 409 or (r.status_code == 200 and r.json().get("cancel")):
-            log.warning("job %s was cancelled or reassigned; stopping it", self.job_id)
-            self.cancel.set()
 
 
 class Worker:
@@ -151,7 +110,8 @@ class Worker:
         log.info("job %s: %s on series %s (attempt %d)", job_id, job["model_id"], job["orthanc_series_id"],
                  job["attempts"])
         outcome: dict = {}
-        with Heartbeat(self.client, job_id, lease, interval, self.parent_pid) as hb:
+        with LeaseHeartbeat(self.client, f"/ai/jobs/{job_id}/heartbeat", lease, interval,
+                            parent_pid=self.parent_pid) as hb:
             ctx = JobContext(report=hb.report, cancelled=hb.cancel.is_set)
             try:
                 manifest = self.manifests[job["model_id"]]

@@ -18,12 +18,12 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 import numpy as np
 
 from inference.client import OrthancClient, OrthancUnavailable
+from inference.heartbeat import LeaseHeartbeat
 from inference.pathology import dicom as D
 from inference.pathology.dicomize import DICOMIZER, DicomizerCancelled, WsiTarget, dicomize
 from inference.pathology.geojson import write_geojson
@@ -44,44 +44,19 @@ class SlideCancelled(Exception):
     """The slide was deleted or its lease lost while it ran."""
 
 
-class _Heartbeat:
-    """Renews the lease in the background and relays progress; notices deletion and lost leases."""
+class _Heartbeat(LeaseHeartbeat):
+    """The slide stage's lease; progress reports stop the stage once the slide is deleted or reassigned."""
 
     def __init__(self, client: OrthancClient, slide_id: str, lease: str, interval: float,
                  path: str = "heartbeat") -> None:
-        self.client, self.slide_id, self.lease, self.interval = client, slide_id, lease, interval
-        self.path = path
-        self.progress, self.message = 0.0, ""
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slide-heartbeat", daemon=True)
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__(client, f"/ai/slides/{slide_id}/{path}", lease, interval, name="slide-heartbeat")
+        self.slide_id = slide_id
+        self.lost = self.cancel
 
     def report(self, progress: float, message: str) -> None:
         if self.lost.is_set():
             raise SlideCancelled(f"slide {self.slide_id} was deleted or reassigned")
-        self.progress, self.message = progress, message
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                r = self.client.post_json(f"/ai/slides/{self.slide_id}/{self.path}",
-                                          {"lease": self.lease, "progress": self.progress, "message": self.message},
-                                          timeout=10)
-            except OrthancUnavailable as exc:
-                log.warning("slide heartbeat failed: %s", exc)
-                continue
-            if r.status_code in (404, 409):
-                log.warning("slide %s was deleted or reassigned; stopping it", self.slide_id)
-                self.lost.set()
-                return
+        super().report(progress, message)
 
 
 class SlideWorker:
