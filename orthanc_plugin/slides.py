@@ -487,7 +487,7 @@ def public_view(slide: dict, folder: Path | None = None) -> dict:
 
 _DICOM_FIELDS = ("progress", "message", "error", "requested_at", "requested_by", "started_at", "finished_at",
                  "seconds", "study_instance_uid", "series_instance_uid", "orthanc_study_id", "orthanc_series_id",
-                 "instances", "levels", "dicomizer", "timings")
+                 "instances", "levels", "dicomizer", "annotations", "timings")
 
 
 def dicom_view(slide: dict) -> dict | None:
@@ -1031,7 +1031,11 @@ class Slides:
             raise SlideError('"timings" must be an object of seconds')
         seconds = round(sum(v for v in timings.values() if isinstance(v, (int, float))), 3)
         worker = str(body.get("worker", "worker"))
+        annotations = body.get("annotations")
+        if annotations is not None and (isinstance(annotations, bool) or not isinstance(annotations, int)):
+            raise SlideError('"annotations" must be the number of nuclei annotated')
         info.update(instances=instances, timings=timings, seconds=seconds, progress=1.0, message="done", error=None,
+                    annotations=annotations,
                     finished_at=_iso(_now()), levels=body.get("levels"), dicomizer=body.get("dicomizer"),
                     orthanc_study_id=body.get("orthanc_study_id"), orthanc_series_id=body.get("orthanc_series_id"))
         slide = self.store.dicom_transition(

@@ -280,7 +280,7 @@ def dicomizer_version(executable: str) -> str:
 def complete_instances(files: list[Path]) -> WsiSeries:
     """Add what OrthancWSIDicomizer 1.1 leaves out, in place: the WSI frame type (Shared Functional Groups,
     type 1) and the image type of each level (``ORIGINAL``/``NONE`` for the largest, ``DERIVED``/
-    ``RESAMPLED`` below), and the SNOMED CT code of the illumination colour."""
+    ``RESAMPLED`` below), the SNOMED CT code of the illumination colour, and the Frame of Reference."""
     datasets = []
     for path in files:
         ds = pydicom.dcmread(path)
@@ -294,7 +294,15 @@ def complete_instances(files: list[Path]) -> WsiSeries:
     if len(series_uids) != 1 or len(studies) != 1:
         raise DicomizerFailed(f"{DICOMIZER} wrote {len(series_uids)} series in {len(studies)} studies, not one")
     uids = []
+    series_uid = next(iter(series_uids))
+    # the Frame of Reference module (mandatory in the VL WSI IOD; bulk annotations reference it): one frame for
+    # every level of the slide, derived from the series (a re-conversion keeps it)
+    frame_of_reference = pydicom.uid.generate_uid(entropy_srcs=[series_uid, "frame of reference"])
     for path, ds in datasets:
+        if "FrameOfReferenceUID" not in ds:
+            ds.FrameOfReferenceUID = frame_of_reference
+        if "PositionReferenceIndicator" not in ds:
+            ds.PositionReferenceIndicator = "SLIDE_CORNER"
         size = (int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows))
         image_type = ORIGINAL_TYPE if size == sizes[0] else RESAMPLED_TYPE
         ds.ImageType = image_type

@@ -26,7 +26,7 @@ from inference.client import OrthancClient, OrthancUnavailable
 from inference.heartbeat import LeaseHeartbeat
 from inference.pathology import dicom as D
 from inference.pathology.dicomize import DICOMIZER, DicomizerCancelled, WsiTarget, dicomize
-from inference.pathology.geojson import write_geojson
+from inference.pathology.geojson import read_geojson_into, write_geojson
 from inference.pathology.pipeline import SlideSettings, run_analysis_stage, run_qc_stage
 from inference.pathology.qc import tiles_from_state
 from inference.pathology.reader import SlideError, open_slide
@@ -344,12 +344,44 @@ class SlideWorker:
             parents = r.json()
             hb.report(0.92 + 0.08 * (i + 1) / len(series.files), f"stored {i + 1}/{len(series.files)} instances")
         timings = {**series.timings, "store": round(time.perf_counter() - t, 3)}
+        t = time.perf_counter()
+        annotations = self._annotate_converted(slide, series.files, slide_key)
+        if annotations is not None:
+            timings["annotations"] = round(time.perf_counter() - t, 3)
         log.info("slide %s: DICOM WSI series of %d instance(s), %d level(s), in %s", slide["id"], len(series.files),
                  len(series.levels), timings)
         return {"study_instance_uid": series.study_instance_uid, "series_instance_uid": series.series_instance_uid,
                 "orthanc_study_id": parents.get("ParentStudy"), "orthanc_series_id": parents.get("ParentSeries"),
                 "instances": len(series.files), "levels": [list(size) for size in series.levels],
-                "dicomizer": f"{DICOMIZER} {series.dicomizer_version}".strip(), "timings": timings}
+                "dicomizer": f"{DICOMIZER} {series.dicomizer_version}".strip(), "timings": timings,
+                "annotations": annotations}
+
+    def _annotate_converted(self, slide: dict, files: list[Path], slide_key: str) -> int | None:
+        """The nuclei of the slide's analysis as Microscopy Bulk Simple Annotations on the converted level-0
+        image, so that a DICOM viewer (OHIF's microscopy mode, Slim) overlays them; None before an analysis."""
+        import pydicom
+
+        r = self.client._request("GET", f"/ai/slides/{slide['id']}/report")
+        if r.status_code != 200:
+            return None  # not analysed (yet): converting does not wait for it
+        detector = (r.json().get("audit") or {}).get("model") or {}
+        classes = tuple(detector.get("classes") or ())
+        if not classes:
+            return None
+        folder = self.root / "dicom"
+        geo = folder / "nuclei.geojson.gz"
+        self._download(f"/ai/slides/{slide['id']}/nuclei.geojson.gz", geo)
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+        level0 = max(headers, key=lambda ds: int(ds.TotalPixelMatrixColumns) * int(ds.TotalPixelMatrixRows))
+        store = NucleusStore(folder / "nuclei.sqlite")
+        try:
+            count = read_geojson_into(store, geo, classes)
+            source = D.complete_source(level0, slide["source"].get("filename") or slide["id"], slide_key)
+            for ds in D.nuclei_annotations(store, source, classes, detector, slide_key=slide_key):
+                self.client.store(ds)
+        finally:
+            store.close()
+        return count
 
     def _delete_series(self, series_instance_uid: str) -> None:
         r = self.client._request("POST", "/tools/lookup", data=series_instance_uid)

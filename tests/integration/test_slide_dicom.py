@@ -138,6 +138,35 @@ def test_instances_pass_dciodvfy(converted, orthanc, tmp_path):
     assert list(ds.ImageType) == list(frame_type) == ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
 
 
+def test_nuclei_are_bulk_annotations_on_the_converted_image(converted, orthanc, tmp_path):
+    import highdicom as hd
+
+    dicom = converted["dicom"]
+    total = converted["results"]["nuclei_total"]
+    assert dicom["annotations"] == total and dicom["timings"]["annotations"] > 0, dicom
+    study_id = orthanc.study_id(dicom["study_instance_uid"])
+    series = [s for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "ANN"]
+    assert len(series) == 1, series
+    paths = download_series(orthanc, series[0]["ID"], tmp_path / "ann")
+    level0 = [p for p in download_series(orthanc, dicom["orthanc_series_id"], tmp_path / "wsi")
+              if int(pydicom.dcmread(p, stop_before_pixels=True).TotalPixelMatrixColumns) == 2220]
+    level0_uid = pydicom.dcmread(level0[0], stop_before_pixels=True).SOPInstanceUID
+    count = 0
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.91.1"
+        assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == level0_uid  # the converted image
+        assert ds.StudyInstanceUID == dicom["study_instance_uid"]
+        for group in hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(ds).get_annotation_groups():
+            polygons = group.get_graphic_data(coordinate_type="2D")
+            count += len(polygons)
+            inside = np.concatenate(polygons)
+            assert inside[:, 0].max() <= 2220 and inside[:, 1].max() <= 2967 and inside.min() >= 0
+        if shutil.which("dciodvfy"):
+            assert not dciodvfy_errors(path), dciodvfy_errors(path)
+    assert count == total
+
+
 def test_converted_series_is_not_analysed_as_a_new_slide(converted, orthanc):
     series_uid = converted["dicom"]["series_instance_uid"]
     time.sleep(4)  # StableAge is 2 s in the tests: the series has become stable by now
