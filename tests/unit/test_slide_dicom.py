@@ -186,6 +186,8 @@ class FakeClient:
         if uri.endswith("/source"):
             offset = int(kw["params"]["offset"])
             return FakeResponse(200, self.source[offset:offset + int(kw["params"]["length"])])
+        if uri.endswith("/report"):  # not analysed: the conversion adds no annotations
+            return FakeResponse(404, data={"error": "no report yet"})
         if uri == "/tools/lookup":
             return FakeResponse(200, data=[{"Type": "Series", "ID": "old-series"}])
         if method == "DELETE":
@@ -234,6 +236,7 @@ def test_worker_stores_the_converted_series_and_reports_it(claimed_conversion, t
     assert target.study.patient_id == "P-9" and target.study.patient_name == "Doe^Jane"
     uri, body = client.posts[-1]
     assert uri == f"/ai/slides/{'f' * 32}/dicom/complete" and body["lease"] == "L"
+    assert body["annotations"] is None
     assert body["instances"] == 2 and body["orthanc_series_id"] == "new-series"
     assert body["study_instance_uid"] == target.study.study_instance_uid
     assert body["dicomizer"] == "OrthancWSIDicomizer 1.1" and set(body["timings"]) == {"dicomize", "complete", "store"}
