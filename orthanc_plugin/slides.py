@@ -986,13 +986,17 @@ class Slides:
         self._auto_dicom(slide)
         return 200, self.view(self.store.get(slide_id))
 
-    def fail(self, request: Request, slide_id: str) -> tuple[int, Any]:
+    def _failure(self, request: Request) -> tuple[dict, str, str, str]:
+        """A worker's failure report: its body, lease, error sentence and worker id."""
         body = request.json()
-        lease = self._lease(body)
         error = body.get("error")
+        lease = self._lease(body)
         if not isinstance(error, str) or not error:
             raise SlideError('"error" (a sentence for the user) is required')
-        worker = str(body.get("worker", "worker"))
+        return body, lease, error, str(body.get("worker", "worker"))
+
+    def fail(self, request: Request, slide_id: str) -> tuple[int, Any]:
+        body, lease, error, worker = self._failure(request)
         slide = self.store.get(slide_id)
         self.store._check_lease(slide, lease)
         extra = {"metadata": body["metadata"]} if body.get("metadata") else {}
@@ -1046,12 +1050,7 @@ class Slides:
         return 200, self.view(slide)
 
     def dicom_fail(self, request: Request, slide_id: str) -> tuple[int, Any]:
-        body = request.json()
-        lease = self._lease(body)
-        error = body.get("error")
-        if not isinstance(error, str) or not error:
-            raise SlideError('"error" (a sentence for the user) is required')
-        worker = str(body.get("worker", "worker"))
+        body, lease, error, worker = self._failure(request)
         slide = self.store.get(slide_id)
         self.store._check_dicom_lease(slide, lease)
         if body.get("retryable") and (slide["dicom_attempts"] or 0) < slide["max_attempts"]:
