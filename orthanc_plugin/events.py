@@ -12,12 +12,24 @@ import queue
 import re
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from orthanc_plugin import jobs as J
 from orthanc_plugin.rules import MANUAL_PRIORITY, Rule, is_own_output, matching_rules
 
 log = logging.getLogger("orthanc_ai.events")
+
+
+ChangeCallback = Callable[[Any, Any, str], None]
+
+
+def chain_changes(first: ChangeCallback, then: ChangeCallback) -> ChangeCallback:
+    """One on-change callback that calls ``first`` and then ``then`` (Orthanc takes a single change callback,
+    and the follow-up and slides each add theirs to the dispatcher's)."""
+    def on_change(change_type: Any, level: Any, resource_id: str) -> None:
+        first(change_type, level, resource_id)
+        then(change_type, level, resource_id)
+    return on_change
 
 
 class OrthancReader(Protocol):

@@ -41,6 +41,8 @@ import pydicom
 import sqlite_utils
 from pydicom.multival import MultiValue
 
+from orthanc_plugin.events import chain_changes
+
 log = logging.getLogger("orthanc_ai.followup")
 
 CONFIRMATION = "computed, to be confirmed by the physician"
@@ -1356,10 +1358,7 @@ class FollowUp:
 
     def chain(self, inner: Callable[[Any, Any, str], None]) -> Callable[[Any, Any, str], None]:
         """An on-change callback that calls ``inner`` and then ours (Orthanc takes one change callback)."""
-        def on_change(change_type: Any, level: Any, resource_id: str) -> None:
-            inner(change_type, level, resource_id)
-            self.on_change(change_type, level, resource_id)
-        return on_change
+        return chain_changes(inner, self.on_change)
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():

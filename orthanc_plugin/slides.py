@@ -64,7 +64,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
-from orthanc_plugin.events import RequestError
+from orthanc_plugin.events import RequestError, chain_changes
 from orthanc_plugin.routes import RawBody, Request
 
 log = logging.getLogger("orthanc_ai.slides")
@@ -674,10 +674,8 @@ class Slides:
             self.stop()
 
     def chain(self, inner: Callable[[Any, Any, str], None]) -> Callable[[Any, Any, str], None]:
-        def on_change(change_type: Any, level: Any, resource_id: str) -> None:
-            inner(change_type, level, resource_id)
-            self.on_change(change_type, level, resource_id)
-        return on_change
+        """An on-change callback that calls ``inner`` and then ours (Orthanc takes one change callback)."""
+        return chain_changes(inner, self.on_change)
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
