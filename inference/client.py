@@ -17,6 +17,23 @@ class OrthancUnavailable(Exception):
     """Orthanc did not answer (network error or 5xx): the job is worth retrying."""
 
 
+class KeepAliveSession(requests.Session):
+    """A session that sends a request once more when a kept-alive connection was closed under it.
+
+    Orthanc (CivetWeb) closes a kept-alive connection after one second idle. A request sent on it at that very
+    moment gets no answer (``RemoteDisconnected``): the server never read it, so sending it again on a new
+    connection is safe. Timeouts are not retried (the server may still be working on the request), nor bodies
+    that are streams (they cannot be read twice)."""
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().request(method, url, *args, **kwargs)
+        except requests.ConnectionError as exc:
+            if isinstance(exc, requests.Timeout) or hasattr(kwargs.get("data"), "read"):
+                raise
+            return super().request(method, url, *args, **kwargs)
+
+
 class OrthancClient:
     #: concurrent requests when reading a series or storing results (Orthanc serves files on several threads;
     #: one request at a time leaves the worker waiting on round trips)
@@ -25,7 +42,7 @@ class OrthancClient:
     def __init__(self, url: str, auth: tuple[str, str] | None = None, *, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.auth = auth
-        self.session = requests.Session()
+        self.session = KeepAliveSession()
         self.session.auth = auth
         self.timeout = timeout
         self._local = threading.local()
@@ -36,7 +53,7 @@ class OrthancClient:
             return self.session
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = KeepAliveSession()
             session.auth = self.auth
         return session
 

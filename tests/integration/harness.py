@@ -11,6 +11,7 @@ from typing import Callable
 
 import requests
 
+from inference.client import KeepAliveSession
 from orthanc_plugin import launcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ class OrthancServer:
                 self.overrides["AI"].update(value)
             else:
                 self.overrides[key] = value
-        self.session = requests.Session()
+        self.session = KeepAliveSession()
         self.session.auth = (USER, PASSWORD)
         self.process: subprocess.Popen | None = None
         self.log_path = root / "orthanc.log"

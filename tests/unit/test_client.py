@@ -92,3 +92,48 @@ def test_store_all_attempts_every_result_and_raises_the_first_failure() -> None:
     assert sorted(stored) == [0, 2, 3]
     stored.clear()
     assert client.store_all([datasets[0], datasets[2]]) == ["orthanc-0", "orthanc-2"]
+
+
+def _server(behaviours: list[str]) -> tuple[int, list[bytes]]:
+    """A one-shot HTTP server on a real socket: for each connection, 'drop' reads the request and closes without
+    answering (what Orthanc does to a kept-alive connection idle for one second), 'ok' answers 200, 'hang' never
+    answers."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        for behaviour in behaviours:
+            conn, _ = listener.accept()
+            seen.append(conn.recv(65536))
+            if behaviour == "ok":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            elif behaviour == "hang":
+                time.sleep(1.5)
+            conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], seen
+
+
+def test_a_request_dropped_unanswered_is_sent_once_more_on_a_new_connection() -> None:
+    port, seen = _server(["drop", "ok"])
+    client = OrthancClient(f"http://127.0.0.1:{port}", timeout=5)
+    assert client.post_json("/ai/worker/claim", {"worker": "w"}).status_code == 200
+    assert len(seen) == 2 and seen[0].split(b"\r\n")[0] == seen[1].split(b"\r\n")[0] == b"POST /ai/worker/claim HTTP/1.1"
+
+
+def test_a_second_drop_or_a_timeout_is_not_retried() -> None:
+    from inference.client import OrthancUnavailable
+    port, seen = _server(["drop", "drop"])
+    with pytest.raises(OrthancUnavailable):
+        OrthancClient(f"http://127.0.0.1:{port}", timeout=5).get_json("/system")
+    assert len(seen) == 2
+    port, seen = _server(["hang"])
+    with pytest.raises(OrthancUnavailable):
+        OrthancClient(f"http://127.0.0.1:{port}", timeout=0.5).get_json("/system")
+    time.sleep(1.6)
+    assert len(seen) == 1  # the server may still be working on it: not sent twice
