@@ -3,13 +3,19 @@ OHIF viewer with our extension, the real brain MR study, headless Chromium.
 
 The tests of this module share one Orthanc and run in order: segment study A, upload study B (the same
 patient a year later), follow both over time, then delete B from the study browser and A from the worklist.
+Nothing is faked: the toast's states come from real jobs (workers frozen with SIGSTOP to hold a job queued or
+running, a study with a missing slice for a real failure), the model menu from the real model registry.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pydicom
@@ -23,8 +29,9 @@ FOLLOW_UP_DATE = "20230407"
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    # No automatic routing: here the user starts every job with the Segment button.
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc-e2e"), overrides={"AI": {"AutoTrigger": False}}).start()
+    # No automatic routing: here the user starts every job with the Segment button. Leases of 12 s: the
+    # toast test freezes a worker in a running job for a few seconds, and it must keep its job.
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-e2e"), overrides={"AI": {"AutoTrigger": False, "LeaseSeconds": 12}}).start()
     yield server
     server.stop()
 
@@ -121,75 +128,174 @@ def test_segment_button_runs_a_job_and_results_appear_without_reload(viewer, ort
     viewer.shot("04-seg-overlay.png", docs=True)
 
 
-def _job(state: str, **extra) -> dict:
-    return {"id": "f" * 32, "state": state, "progress": 0, "queue_position": None, "eta_seconds": None,
-            "model_id": "brain-lesion-candidates", "error": None, "message": None, "outputs": [], **extra}
+def worker_pids(orthanc) -> list[int]:
+    """The pids of the plugin's worker processes (every role), from /ai/health."""
+    return [p["pid"] for p in orthanc.health()["worker"]["processes"] if p.get("pid")]
 
 
-def test_toast_shows_queue_position_progress_eta_and_the_error(viewer, study_a):
-    """The toast's wording for every job state (the real job is too quick to show its queue)."""
-    states = iter([
-        _job("queued", queue_position=1, eta_seconds=40),
-        _job("running", progress=0.4, eta_seconds=12, message="inference"),
-        _job("running", progress=0.8, eta_seconds=3),
-        _job("failed", progress=0.8, error="The series has a single slice: this model needs a volume."),
-    ])
-    last = {}
+class FrozenWorkers:
+    """SIGSTOP the real worker processes (jobs stay where they are) and SIGCONT them again."""
 
-    def job_route(route):
-        last["job"] = next(states, last.get("job"))
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(last["job"]))
+    def __init__(self, orthanc) -> None:
+        self.pids = worker_pids(orthanc)
+        assert self.pids, orthanc.health()
+        self.frozen = False
 
-    viewer.page.route("**/ai/models", lambda r: r.fulfill(status=200, content_type="application/json", body=json.dumps(
-        {"models": [{"id": "brain-lesion-candidates", "name": "Brain lesion candidates", "modality": "MR",
-                     "status": "available"}]})))
-    viewer.page.route("**/ai/studies/*/segment", lambda r: r.fulfill(
-        status=202, content_type="application/json",
-        body=json.dumps({**_job("queued", queue_position=2, eta_seconds=95), "jobs": [_job("queued", queue_position=2, eta_seconds=95)]})))
-    viewer.page.route(f"**/ai/jobs/{'f' * 32}", job_route)
-    viewer.open_study(study_a)
-    viewer.page.click("[data-cy=AISegment-btn]")
-    viewer.toast("position 2 in the queue, starts in about 1 min 35 s")
-    viewer.toast("Running — 40 %, about 12 s left")
-    viewer.page.locator("[data-cy=ai-segment-progress]").wait_for()
-    viewer.shot("02-segment-progress.png", docs=True)
-    failed = viewer.toast("Failed: The series has a single slice: this model needs a volume.")
-    assert failed.get_by_role("button", name="Retry").is_visible()
+    def freeze(self) -> None:
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.frozen = False
 
 
-def test_model_menu_lists_the_models_that_fit_the_modality(viewer, study_a):
-    models = [
-        {"id": "mr-one", "name": "MR model one", "modality": "MR", "status": "available"},
-        {"id": "mr-two", "name": "MR model two", "modality": "MR", "status": "available"},
-        {"id": "ct-one", "name": "CT model", "modality": "CT", "status": "available"},
-        {"id": "mr-off", "name": "MR model unavailable", "modality": "MR", "status": "unavailable"},
-    ]
-    posts: list[dict] = []
+def format_seconds(seconds: float) -> str:
+    """The viewer's formatSeconds (api.js): 95 → "1 min 35 s"."""
+    s = max(0, math.floor(seconds + 0.5))
+    if s < 60:
+        return f"{s} s"
+    m = s // 60
+    return f"{m} min {f'{s % 60} s' if s % 60 else ''}".strip() if m < 60 else f"{m // 60} h {m % 60} min"
 
-    def segment_route(route):
-        posts.append(json.loads(route.request.post_data or "{}"))
-        if len(posts) == 1:
-            route.fulfill(status=409, content_type="application/json", body=json.dumps(
-                {"error": "this study was already processed by this model; send {\"force\": true} to re-run"}))
-        else:
-            route.fulfill(status=202, content_type="application/json", body=json.dumps(
-                _job("failed", error="stopped by the test")))
 
-    viewer.page.route("**/ai/models", lambda r: r.fulfill(status=200, content_type="application/json",
-                                                          body=json.dumps({"models": models})))
-    viewer.page.route("**/ai/studies/*/segment", segment_route)
+@pytest.fixture()
+def study_missing_slice(orthanc, shared_data, tmp_path):
+    """Study A's series as another patient's study with its middle slice lost on the way: the model cannot
+    read it as one regular volume, so its job really fails. Deleted again at the end (later tests count
+    the worklist's rows)."""
+    out = tmp_path / "missing-slice"
+    out.mkdir()
+    study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    paths = sorted((shared_data / "mr_brain" / "siemens_t1_fl2d_sag_HFS").glob("*.dcm"))
+    datasets = sorted((pydicom.dcmread(p) for p in paths), key=lambda ds: int(ds.InstanceNumber))
+    del datasets[len(datasets) // 2]
+    for ds in datasets:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.PatientID, ds.PatientName, ds.AccessionNumber = "gap-e2e", "Gap^Slice", "GAP1"
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            if keyword in ds:
+                setattr(ds, keyword, "20210301")
+        ds.save_as(out / f"{int(ds.InstanceNumber):04d}.dcm")
+    orthanc.storescu(out)
+    yield study_uid
+    r = orthanc.session.delete(f"{orthanc.url}/ai/studies/{study_uid}", timeout=60)
+    assert r.status_code in (200, 404), r.text
+
+
+def record_segment_posts(v: Viewer) -> list[tuple[dict, int]]:
+    """Watch (not fake) the viewer's POST /ai/studies/…/segment requests: (body, HTTP status) each. Playwright
+    delivers the events only while it waits (viewer.wait_until, a locator wait), not during time.sleep."""
+    posts: list[tuple[dict, int]] = []
+
+    def on_response(response):
+        request = response.request
+        if request.method == "POST" and re.search(r"/ai/studies/[0-9.]+/segment$", request.url):
+            posts.append((json.loads(request.post_data or "{}"), response.status))
+    v.page.on("response", on_response)
+    return posts
+
+
+def test_toast_shows_queue_position_progress_eta_and_the_error(study_missing_slice, viewer, orthanc, study_a):
+    """The toast's wording for each state of a real job: queued behind another job (workers frozen, so
+    it stays there), running (frozen again the moment it runs), failed with the worker's reason and a Retry
+    that really runs it again. The ETA comes from the durations of the earlier jobs of this module."""
+    uid = study_missing_slice
+    model = "brain-lesion-candidates"
+    assert orthanc.get("/ai/jobs", params={"state": "done"})["jobs"], "no earlier job gave a duration for the ETA"
+    ahead_model = next(m for m in mr_models(orthanc) if m != model)  # the job ahead in the queue
+    posts = record_segment_posts(viewer)
+    viewer.open_study(uid)
+    workers = FrozenWorkers(orthanc)
+    try:
+        workers.freeze()
+        time.sleep(2.5)  # a claim long poll in flight when they froze (at most 2 s) has ended: nothing claims now
+        ahead = orthanc.post(f"/ai/studies/{uid}/segment", {"model": ahead_model, "force": True})
+        assert ahead.status_code == 202, ahead.text
+        click_segment(viewer, orthanc, model)
+        job_id = wait_for(lambda: next((j["id"] for j in orthanc.get(f"/ai/studies/{uid}/jobs")["jobs"]
+                                        if j["model_id"] == model), None), 30, "the job started by the button")
+        job = orthanc.get(f"/ai/jobs/{job_id}")
+        assert (job["state"], job["queue_position"]) == ("queued", 1), job  # one job ahead of it (0-based)
+        assert job["eta_seconds"], job
+        viewer.toast(f"Queued — position 2 in the queue, done in about {format_seconds(job['eta_seconds'])}")
+        viewer.shot("segment-queued.png")
+
+        workers.thaw()
+        job = wait_for(lambda: (lambda j: j if j["state"] != "queued" else None)(orthanc.get(f"/ai/jobs/{job_id}")),
+                       JOB_MS / 1000, "the job to start", interval=0.02)
+        workers.freeze()  # while running: held for less than the lease (12 s), so it stays this worker's
+        job = orthanc.get(f"/ai/jobs/{job_id}")
+        assert job["state"] == "running", job
+        assert job["eta_seconds"] is not None, job
+        viewer.toast(re.compile(rf"Running — {math.floor(job['progress'] * 100 + 0.5)} %, about (\d+ min )?\d+ s left"),
+                     timeout_ms=8_000)
+        viewer.page.locator("[data-cy=ai-segment-progress]").wait_for(timeout=2_000)
+        viewer.shot("02-segment-progress.png", docs=True)
+        workers.thaw()
+
+        job = wait_for(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(
+            orthanc.get(f"/ai/jobs/{job_id}")), JOB_MS / 1000, "the job to end")
+    finally:
+        workers.thaw()
+    assert job["state"] == "failed" and "a slice is probably missing" in job["error"], job
+    failed = viewer.toast(f"Failed: {job['error']}")
+    retry = failed.get_by_role("button", name="Retry")
+    assert retry.is_visible()
+    retry.click()
+    jobs = orthanc.wait_jobs(uid, 3, timeout=JOB_MS / 1000)
+    again = [j for j in jobs if j["model_id"] == model and j["id"] != job_id]
+    assert len(again) == 1 and again[0]["trigger"] == "manual" and again[0]["state"] == "failed", jobs
+    viewer.wait_until(lambda: len(posts) >= 2, 15, "the browser to see the answer to Retry")  # pumps events
+    assert posts == [({"model": model, "force": False}, 202), ({"model": model, "force": True}, 202)], posts
+    viewer.toast(f"Failed: {again[0]['error']}")
+
+
+def test_model_menu_lists_the_models_that_fit_the_modality(viewer, orthanc, study_a):
+    """The real model registry: the menu offers exactly the available models for the study's modality; one
+    that already ran answers 409, and "Run again" really runs it again (forced) to the end."""
+    study_modalities = {s["MainDicomTags"].get("Modality", "").upper() for s in orthanc.series_of_study(study_a)}
+    study_modalities -= {"SEG", "RTSTRUCT", "SR", "DOC", "PR", "KO"}
+    assert study_modalities == {"MR"}, study_modalities
+
+    def fits(m: dict) -> bool:
+        accepted = [m.get("modality"), *[i.get("modality") for i in m.get("inputs") or [] if i]]
+        return any(str(x).upper() in study_modalities for x in accepted if x)
+    registry = orthanc.get("/ai/models")["models"]
+    expected = [m for m in registry if m.get("status", "available") == "available" and fits(m)]
+    assert len(expected) >= 2, f"the menu needs two models that fit MR: {registry}"
+    before = [j for j in orthanc.get(f"/ai/studies/{study_a}/jobs")["jobs"] if j["model_id"] == "brain-lesion-candidates"]
+    assert [j["state"] for j in before] == ["done"], before  # it ran in test_segment_button
+
+    posts = record_segment_posts(viewer)
     viewer.open_study(study_a)
     viewer.page.click("[data-cy=AISegment-btn]")
     menu = viewer.page.locator("[data-cy=ai-model-menu]")
     menu.wait_for()
-    items = menu.get_by_role("menuitem").all_inner_texts()
-    assert [i.split(" (")[0] for i in items] == ["MR model one", "MR model two"], items
+    items = menu.get_by_role("menuitem")
+    assert [items.nth(i).get_attribute("data-cy") for i in range(items.count())] == [
+        f"ai-model-{m['id']}" for m in expected]
+    assert items.all_inner_texts() == [
+        f"{m.get('name') or m['id']} ({m['modality']}){' — demonstration' if m.get('demonstration') else ''}"
+        for m in expected]
     viewer.shot("segment-model-menu.png")
-    viewer.page.click("[data-cy=ai-model-mr-two]")
+    viewer.page.click("[data-cy=ai-model-brain-lesion-candidates]")
     again = viewer.toast("already segmented with this model")
     again.get_by_role("button", name="Run again").click()
-    viewer.toast("Failed: stopped by the test")
-    assert posts == [{"model": "mr-two", "force": False}, {"model": "mr-two", "force": True}]
+    done = viewer.toast("Done:", timeout_ms=JOB_MS)
+    assert done.get_by_role("button", name="Show overlay").is_visible()
+    viewer.wait_until(lambda: len(posts) >= 2, 15, "the browser to see the answer to Run again")
+    assert posts == [({"model": "brain-lesion-candidates", "force": False}, 409),
+                     ({"model": "brain-lesion-candidates", "force": True}, 202)], posts
+    jobs = [j for j in orthanc.get(f"/ai/studies/{study_a}/jobs")["jobs"] if j["model_id"] == "brain-lesion-candidates"]
+    assert [(j["state"], j["trigger"]) for j in jobs] == [("done", "manual"), ("done", "manual")], jobs
+    assert jobs[0]["id"] != before[0]["id"] and jobs[0]["outputs"], jobs
 
 
 def test_upload_by_drag_and_drop(viewer, orthanc, study_a, study_b_files):

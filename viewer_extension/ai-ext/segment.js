@@ -70,7 +70,8 @@ function toast(uid, { message, type = 'loading', duration = Infinity, fraction =
   });
 }
 
-/** One line for the state of the study's jobs, e.g. "Running — 40 %, about 12 s left". */
+/** One line for the state of the study's jobs, e.g. "Running — 40 %, about 12 s left" or
+ * "Queued — position 2 in the queue, done in about 1 min 35 s". */
 export function describeJobs(jobs) {
   const running = jobs.filter(j => j.state === 'running');
   const queued = jobs.filter(j => j.state === 'queued' || j.state === 'pending');
@@ -86,12 +87,13 @@ export function describeJobs(jobs) {
       parts.push(note);
     }
   } else if (queued.length) {
+    // queue_position counts the jobs ahead (0 = next in line); eta_seconds is the time until the job is done
     const positions = queued.map(j => j.queue_position).filter(p => p !== null && p !== undefined);
     const eta = Math.max(...queued.map(j => (j.eta_seconds === null || j.eta_seconds === undefined ? -1 : j.eta_seconds)));
-    const position = positions.length ? Math.min(...positions) : null;
+    const position = positions.length ? Math.min(...positions) + 1 : null;
     parts.push(
       `Queued${position !== null ? ` — position ${position} in the queue` : ''}` +
-        (eta >= 0 ? `, starts in about ${formatSeconds(eta)}` : '')
+        (eta >= 0 ? `, done in about ${formatSeconds(eta)}` : '')
     );
     fraction = 0;
   }
