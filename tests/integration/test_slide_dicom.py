@@ -167,6 +167,53 @@ def test_nuclei_are_bulk_annotations_on_the_converted_image(converted, orthanc, 
     assert count == total
 
 
+def test_annotations_keep_their_coordinates_over_dicomweb(converted, orthanc, tmp_path):
+    """WADO-RS series metadata of the ANN carries every coordinate (InlineBinary, PS3.18 F.2.7), the same bytes as
+    the stored file: Orthanc 1.10's DICOM JSON alone gives the first number only, and OHIF then draws nothing."""
+    import base64
+
+    dicom = converted["dicom"]
+    study_id = orthanc.study_id(dicom["study_instance_uid"])
+    ann = next(s for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "ANN")
+    stored = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p)
+              for p in download_series(orthanc, ann["ID"], tmp_path / "ann")}
+    r = orthanc.session.get(f"{orthanc.url}/dicom-web/studies/{dicom['study_instance_uid']}/series/"
+                            f"{ann['MainDicomTags']['SeriesInstanceUID']}/metadata", timeout=30)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/dicom+json"), r.text[:300]
+    metadata = r.json()
+    assert {m["00080018"]["Value"][0] for m in metadata} == set(stored)
+    checked = 0
+    for instance in metadata:
+        ds = stored[instance["00080018"]["Value"][0]]
+        for item, group in zip(instance["006A0002"]["Value"], ds.AnnotationGroupSequence):
+            for tag, keyword in (("00660016", "PointCoordinatesData"), ("00660040", "LongPrimitivePointIndexList")):
+                if keyword in group:
+                    assert base64.b64decode(item[tag]["InlineBinary"]) == group[keyword].value, tag
+                    assert "Value" not in item[tag]
+                    checked += 1
+        assert instance["00100020"]["Value"][0] == "PATH-042"
+    assert checked >= 2
+
+
+def test_other_series_metadata_is_the_dicomweb_plugins_own(converted, orthanc):
+    """Every other series' metadata is what the DICOMweb plugin answers for each of its instances."""
+    dicom = converted["dicom"]
+    base = f"{orthanc.url}/dicom-web/studies/{dicom['study_instance_uid']}/series/{dicom['series_instance_uid']}"
+    series = orthanc.session.get(f"{base}/metadata", timeout=30).json()
+    by_instance = []
+    for instance in series_instances(orthanc, dicom["study_instance_uid"], dicom["series_instance_uid"]):
+        sop = instance["00080018"]["Value"][0]
+        by_instance += orthanc.session.get(f"{base}/instances/{sop}/metadata", timeout=30).json()
+    key = lambda m: m["00080018"]["Value"][0]  # noqa: E731
+    assert sorted(series, key=key) == sorted(by_instance, key=key) and len(series) == dicom["instances"]
+    missing = orthanc.session.get(f"{orthanc.url}/dicom-web/studies/{dicom['study_instance_uid']}/series/"
+                                  f"1.2.3.4.5.6.7/metadata", timeout=30)
+    assert missing.status_code == 404
+    elsewhere = orthanc.session.get(f"{orthanc.url}/dicom-web/studies/1.2.3.4/series/"
+                                    f"{dicom['series_instance_uid']}/metadata", timeout=30)
+    assert elsewhere.status_code == 404
+
+
 def test_converted_series_is_not_analysed_as_a_new_slide(converted, orthanc):
     series_uid = converted["dicom"]["series_instance_uid"]
     time.sleep(4)  # StableAge is 2 s in the tests: the series has become stable by now
