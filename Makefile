@@ -57,6 +57,7 @@ bench: deps venv
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_load 20 4
 	nice -n 10 $(VENV)/bin/python -m tests.bench.bench_wsi
 	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_model_overhead
+	TCP_NODELAY=1 $(VENV)/bin/python -m tests.bench.bench_dicomweb
 
 clean:
 	rm -rf var .pytest_cache

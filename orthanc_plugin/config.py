@@ -56,6 +56,7 @@ class AIConfig:
     max_attempts: int = 3
     reaper_interval_seconds: float = 2.0
     auto_trigger: bool = True
+    annotation_metadata: bool = True
     report_language: str = "en"
     report_template_directory: Path | None = None
     approved_models: dict[str, str] = field(default_factory=dict)
@@ -83,7 +84,7 @@ _KNOWN = {"Enabled", "DataDirectory", "ModelsDirectory", "ModelsDirectories", "R
           "WorkerPython", "WorkerThreads", "LeaseSeconds", "MaxAttempts", "ReaperIntervalSeconds",
           "AutoTrigger", "Report", "ApprovedModels", "Destinations", "Outbox",
           "MinFreeDiskPercent", "MaxQueueLength", "OffPeakHours", "WorkerRestartMaxBackoffSeconds",
-          "Priors", "Pathology"}  # Pathology is validated by orthanc_plugin/slides.py
+          "Priors", "Pathology", "AnnotationMetadata"}  # Pathology is validated by orthanc_plugin/slides.py
 REPORT_LANGUAGES = ("en", "fr")
 
 
@@ -229,6 +230,7 @@ def parse_config(full: dict, *, base: Path = REPO_ROOT) -> AIConfig:
         models_directories=tuple(dirs), rules=tuple(rules), worker_count=worker_count,
         worker_python=python, worker_threads=threads, lease_seconds=lease, max_attempts=attempts,
         reaper_interval_seconds=reaper, auto_trigger=_typed(section, "AutoTrigger", bool, True),
+        annotation_metadata=_typed(section, "AnnotationMetadata", bool, True),
     )
 
 

@@ -252,8 +252,9 @@ def _setup() -> None:
     # --- feature modules: each adds its routes/callbacks here (keep to a few lines each) ---
     from orthanc_plugin import viewer  # the OHIF viewer at /ohif/ (installed by `make viewer`)
     viewer.register(orthanc, api, _REPO / "build" / "ohif")
-    from orthanc_plugin import dicomweb_metadata  # series metadata with annotations' coordinates intact
-    dicomweb_metadata.register(orthanc, full.get("DicomWeb") or {})
+    if cfg.annotation_metadata:  # WADO-RS series metadata with the annotations' coordinates intact
+        from orthanc_plugin import dicomweb_metadata
+        dicomweb_metadata.register(orthanc, full.get("DicomWeb") or {})
     outbox = state["outbox"] = Outbox(store, cfg.destinations, _forward, _resolve_instances, Backoff(
         cfg.outbox_initial_backoff_seconds, cfg.outbox_max_backoff_seconds, cfg.outbox_max_age_seconds))
     api.add_routes(outbox.routes())
