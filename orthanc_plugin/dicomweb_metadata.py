@@ -183,6 +183,9 @@ def register(orthanc: Any, dicomweb: dict | None = None) -> None:
             output.SendHttpStatusCode(404)
             return
         except Exception as exc:  # a broken file must not take the viewer down with a stack trace
+            if "Unknown resource" in str(exc):  # gone meanwhile, or no DICOMweb plugin behind this route
+                output.SendHttpStatusCode(404)
+                return
             log.warning("series metadata failed: %s", type(exc).__name__)
             output.SendHttpStatusCode(500)
             return

@@ -252,7 +252,8 @@ def _setup() -> None:
     # --- feature modules: each adds its routes/callbacks here (keep to a few lines each) ---
     from orthanc_plugin import viewer  # the OHIF viewer at /ohif/ (installed by `make viewer`)
     viewer.register(orthanc, api, _REPO / "build" / "ohif")
-    if cfg.annotation_metadata:  # WADO-RS series metadata with the annotations' coordinates intact
+    dicomweb_enabled = (full.get("DicomWeb") or {}).get("Enable", True)
+    if cfg.annotation_metadata and dicomweb_enabled:  # WADO-RS series metadata with annotations' coordinates intact
         from orthanc_plugin import dicomweb_metadata
         dicomweb_metadata.register(orthanc, full.get("DicomWeb") or {})
     outbox = state["outbox"] = Outbox(store, cfg.destinations, _forward, _resolve_instances, Backoff(
