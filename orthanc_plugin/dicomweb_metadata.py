@@ -9,8 +9,9 @@ This module answers ``GET /dicom-web/studies/{study}/series/{series}/metadata`` 
 (the Python plugin is loaded first, and Orthanc gives a URI to the first plugin whose pattern matches it):
 
 - for an ANN series, from the stored files, every element as in the DICOM file (binary ones inline);
-- for every other series, exactly what the DICOMweb plugin answers for each of its instances
-  (``…/instances/{sop}/metadata``, which this module does not take), joined into the series' list.
+- for every other series, what the DICOMweb plugin answers: its study's metadata (``…/studies/{study}/metadata``)
+  cut to the series when the series is at least half of the study (one call, cheaper per instance), else its
+  instances' metadata (``…/instances/{sop}/metadata``) joined; this module takes neither route.
 
 A plugin callback may not decline a request, hence the second case. Answers are kept while their series is
 unchanged (a viewer asks again for every series when results arrive). ``tests/bench/bench_dicomweb.py``
@@ -32,7 +33,7 @@ log = logging.getLogger("orthanc-ai.dicomweb")
 ROUTE = "/dicom-web/studies/([^/]+)/series/([^/]+)/metadata"
 ANN_MODALITY = "ANN"
 DICOM_JSON = "application/dicom+json"
-STUDY_ROUTE_SHARE = 0.5  # a series with at least this share of its study's instances is cut out of the study's
+STUDY_ROUTE_SHARE = 0.5  # a series with at least this share of its study's instances: cut from the study's metadata
 
 
 class NotFound(Exception):
@@ -124,7 +125,8 @@ def _series_text(study_uid: str, series_uid: str, series_id: str, series: dict, 
     instances = json.loads(rest_get(f"/series/{series_id}/instances"))
     if series.get("MainDicomTags", {}).get("Modality") == ANN_MODALITY:
         return json.dumps([_from_file(rest_get(f"/instances/{i['ID']}/file")) for i in instances])
-    study_size = sum(len(s.get("Instances") or ()) for s in json.loads(rest_get(f"/studies/{series['ParentStudy']}/series")))
+    siblings = json.loads(rest_get(f"/studies/{series['ParentStudy']}/series"))
+    study_size = sum(len(s.get("Instances") or ()) for s in siblings)
     if len(instances) >= STUDY_ROUTE_SHARE * study_size:
         # most of the study: its metadata in one call (far cheaper per instance), this series' part of it kept
         text = rest_get_after_plugins(f"{root.rstrip('/')}/studies/{study_uid}/metadata").decode()

@@ -1,12 +1,13 @@
 """Cost of the plugin's WADO-RS series metadata route (``make bench``): not a timed test.
 
 The plugin answers ``/dicom-web/studies/{s}/series/{s}/metadata`` itself (so that annotations keep their
-coordinates; orthanc_plugin/dicomweb_metadata.py): for an image series it joins the DICOMweb plugin's
-per-instance answers. Reference in the same run: the DICOMweb plugin's own study-level metadata of a study that
-holds that one series (the same instances, the same JSON), or for a series that is one of three equal series
-of its study, a third of that study route's time. A 35-slice brain MR and a 300-slice series made of it, alone in
-their study, and a 100-slice series with two others; 7 copies of each (each asked once uncached and from the
-reference, in alternating order, then again from the plugin's cache), medians. Run: ``python -m tests.bench.bench_dicomweb``.
+coordinates; orthanc_plugin/dicomweb_metadata.py): for an image series it passes on the DICOMweb plugin's study
+metadata cut to the series, or its per-instance answers joined. Reference in the same run: the DICOMweb plugin's
+own study-level metadata of a study that holds that one series (the same instances, the same JSON), or, for a
+series that is one of three equal series of its study, a third of that study route's time. A 35-slice brain MR
+and a 300-slice series made of it, alone in their study, and a 100-slice series with two others; 7 copies of each
+(each asked once uncached and from the reference, in alternating order, then again from the plugin's cache),
+medians. Run: ``python -m tests.bench.bench_dicomweb``.
 """
 
 from __future__ import annotations
